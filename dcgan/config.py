@@ -1,0 +1,211 @@
+"""Configuration: dataclasses, presets, strict overrides and a JSON round-trip.
+
+A run is described by one `Config` made of three sections. Every field name is
+unique across sections, so each one is also a command-line flag
+(`--d-lr 1e-4` sets `train.d_lr`). Unknown keys and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from dcgan.errors import UserError
+
+RESOLUTIONS = (32, 64, 128)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # a source name (fashion-mnist, mnist, emoji, fake) or a path
+    resolution: int = 32  # 32, 64 or 128; the architecture follows it
+    channels: int = 0  # 1 or 3; 0 keeps the source's own channel count
+    flip: bool = False  # random horizontal flip of real images
+    cache_dir: str = ""  # "" means $DCGAN_CACHE or ~/.cache/dcgan
+
+
+@dataclass
+class ModelConfig:
+    nz: int = 100  # latent size
+    ngf: int = 64  # generator width: channels of the last hidden block
+    ndf: int = 64  # discriminator width: channels of the first block
+    g_dropout: float = 0.0  # ganhacks: dropout after G's hidden blocks (0 = none)
+
+
+@dataclass
+class TrainConfig:
+    kimg: float = 150.0  # length of training in thousands of real images shown to D
+    batch: int = 64  # per-process batch size
+    d_steps: int = 1  # k of Goodfellow et al. Algorithm 1: D updates per G update
+    g_loss: str = "nonsat"  # nonsat (-log D(G(z))) or minimax (log(1 - D(G(z))))
+    g_opt: str = "adam"  # adam or adamw
+    d_opt: str = "adam"  # adam, adamw or sgd (ganhacks: SGD for D)
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 0.0  # used by adamw (decoupled) and sgd
+    d_momentum: float = 0.9  # used by sgd
+    label_smoothing: float = 0.0  # one-sided: real target is 1 - label_smoothing
+    label_flip: float = 0.0  # probability of swapping a D target (ganhacks)
+    instance_noise: float = 0.0  # std of N(0, s^2) added to D's inputs, decays linearly to 0
+    ema_kimg: float = 2.0  # half-life of G's EMA in kimg; 0 disables the EMA
+    tick_kimg: float = 4.0  # a tick: progress line, stats, sample grid
+    checkpoint_ticks: int = 5  # full training state every this many ticks (and at the end)
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16 only on CUDA)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile each network (dynamic=False)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Config:
+        """Strict inverse of to_dict: unknown sections or keys and wrong types fail."""
+        index = field_index()
+        cfg = Config()
+        for section, values in d.items():
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise UserError(f"config: unknown section {section!r}")
+            for name, value in values.items():
+                if name not in index or index[name][0] != section:
+                    raise UserError(f"config: unknown key {section}.{name}")
+                setattr(getattr(cfg, section), name, coerce(name, value, index[name][1].type))
+        validate(cfg)
+        return cfg
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+# The presets name only what differs from the defaults above.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The CPU demo: Fashion-MNIST at 32x32, a few minutes on two cores.
+    "fmnist32": {"dataset": "fashion-mnist", "resolution": 32, "channels": 1, "batch": 64,
+                 "kimg": 150.0, "ngf": 64, "ndf": 64},
+    # The paper / canonical PyTorch example: 64x64, batch 128, nz 100, ngf = ndf = 64.
+    "dcgan64": {"dataset": "emoji", "resolution": 64, "channels": 3, "batch": 128,
+                "kimg": 1000.0, "tick_kimg": 10.0},
+    # Seed 004's "Safe-Params": AdamW with weight decay, instance noise, big G, small D.
+    "safe128": {"dataset": "emoji", "resolution": 128, "channels": 3, "batch": 512,
+                "g_lr": 2e-4, "d_lr": 2e-4, "ngf": 128, "ndf": 32, "nz": 128,
+                "g_opt": "adamw", "d_opt": "adamw", "weight_decay": 0.05,
+                "instance_noise": 0.2, "kimg": 2000.0, "tick_kimg": 20.0},
+}
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Map each field name to (section name, dataclass field)."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            f.type = hints[f.name]  # resolve the string annotation once
+            index[f.name] = (section, f)
+    return index
+
+
+def coerce(name: str, value: Any, typ: type) -> Any:
+    """Convert a command-line string or JSON value to the field's type, strictly."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config: {name} expects {typ.__name__}, got {value!r}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of cfg with flat `name: value` overrides applied; unknown names fail."""
+    cfg = Config.from_dict(cfg.to_dict())
+    index = field_index()
+    for name, value in overrides.items():
+        if name not in index:
+            raise UserError(f"config: unknown key {name!r}")
+        section, f = index[name]
+        setattr(getattr(cfg, section), name, coerce(name, value, f.type))
+    validate(cfg)
+    return cfg
+
+
+def from_preset(name: str, overrides: dict[str, Any] | None = None) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(Config(), {**PRESETS[name], **(overrides or {})})
+
+
+def load_json(path: str) -> Config:
+    with open(path) as f:
+        return Config.from_dict(json.load(f))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"config: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values outside their allowed range, naming the range."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _check(d.resolution in RESOLUTIONS,
+           f"resolution must be one of {RESOLUTIONS}, got {d.resolution}")
+    _check(d.channels in (0, 1, 3), f"channels must be 0 (source's own), 1 or 3, got {d.channels}")
+    _check(m.nz >= 1, f"nz must be >= 1, got {m.nz}")
+    _check(m.ngf >= 1 and m.ndf >= 1, f"ngf and ndf must be >= 1, got {m.ngf}, {m.ndf}")
+    _check(0.0 <= m.g_dropout < 1.0, f"g_dropout must be in [0, 1), got {m.g_dropout}")
+    _check(t.kimg > 0, f"kimg must be > 0, got {t.kimg}")
+    _check(t.batch >= 1, f"batch must be >= 1, got {t.batch}")
+    _check(t.d_steps >= 1, f"d_steps must be >= 1, got {t.d_steps}")
+    _check(t.g_loss in ("nonsat", "minimax"), f"g_loss must be nonsat or minimax, got {t.g_loss}")
+    _check(t.g_opt in ("adam", "adamw"), f"g_opt must be adam or adamw, got {t.g_opt}")
+    _check(t.d_opt in ("adam", "adamw", "sgd"), f"d_opt must be adam, adamw or sgd, got {t.d_opt}")
+    _check(t.g_lr > 0 and t.d_lr > 0, f"learning rates must be > 0, got {t.g_lr}, {t.d_lr}")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+    _check(t.weight_decay >= 0, f"weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.d_momentum < 1, f"d_momentum must be in [0, 1), got {t.d_momentum}")
+    _check(0 <= t.label_smoothing < 0.5,
+           f"label_smoothing must be in [0, 0.5), got {t.label_smoothing}")
+    _check(0 <= t.label_flip < 0.5, f"label_flip must be in [0, 0.5), got {t.label_flip}")
+    _check(t.instance_noise >= 0, f"instance_noise must be >= 0, got {t.instance_noise}")
+    _check(t.ema_kimg >= 0, f"ema_kimg must be >= 0, got {t.ema_kimg}")
+    _check(t.tick_kimg > 0, f"tick_kimg must be > 0, got {t.tick_kimg}")
+    _check(t.checkpoint_ticks >= 1, f"checkpoint_ticks must be >= 1, got {t.checkpoint_ticks}")
+    _check(t.precision in ("auto", "fp32", "bf16", "fp16"),
+           f"precision must be auto, fp32, bf16 or fp16, got {t.precision}")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+           f"device must be auto, cpu, cuda or cuda:N, got {t.device}")
