@@ -1,0 +1,198 @@
+"""Linear, BatchNorm2d, activations and Dropout, each with a hand-written backward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dcgan.engine.module import Module, Parameter
+
+
+class Linear(Module):
+    """y = x W^T + b over the last dim; x (..., in_f) -> (..., out_f)."""
+
+    def __init__(self, in_f: int, out_f: int, bias: bool = True):
+        super().__init__()
+        self.in_f, self.out_f = in_f, out_f
+        bound = 1.0 / math.sqrt(in_f)  # torch's default init, as for convolutions
+        self.weight = Parameter(torch.empty(out_f, in_f).uniform_(-bound, bound))
+        self.bias = Parameter(torch.empty(out_f).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_f)  # (M, in_f), M = product of leading dims
+        if self.bias is not None:
+            y = torch.addmm(self.bias.data, x2, self.weight.data.t())
+        else:
+            y = x2 @ self.weight.data.t()
+        self._push(x2, x.shape)
+        return y.view(*x.shape[:-1], self.out_f)
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        x2, shape = self._pop()
+        g = grad_out.reshape(-1, self.out_f)  # (M, out_f)
+        self.weight.accumulate(g.t() @ x2)  # dL/dW = G^T X, (out_f, in_f)
+        if self.bias is not None:
+            self.bias.accumulate(g.sum(0))
+        return (g @ self.weight.data).view(shape) if input_grad else None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_f}, {self.out_f}, bias={self.bias is not None}"
+
+
+class BatchNorm2d(Module):
+    r"""Per-channel normalisation of (N, C, H, W) over its M = N H W values.
+
+    Train mode: mu, var = batch mean and biased variance; xhat = (x - mu) / sqrt(var + eps);
+    y = gamma xhat + beta; running_mean/var <- (1 - momentum) * old + momentum * (mu,
+    unbiased var). Eval mode uses the running statistics instead, so mu and var are
+    constants and dx = dy gamma / sqrt(running_var + eps).
+
+    Backward (train): with g = dL/dy and sums over the M values of a channel,
+        dL/dbeta  = sum g
+        dL/dgamma = sum g xhat
+        dL/dx     = gamma / sqrt(var + eps) * (g - sum(g) / M - xhat * sum(g xhat) / M)
+    the last two terms being the paths through mu and var.
+    """
+
+    def __init__(self, ch: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.ch, self.eps, self.momentum = ch, eps, momentum
+        self.weight = Parameter(torch.ones(ch))
+        self.bias = Parameter(torch.zeros(ch))
+        self.register_buffer("running_mean", torch.zeros(ch))
+        self.register_buffer("running_var", torch.ones(ch))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.ch
+        if self.training:
+            m = x.numel() // c
+            if m < 2:
+                raise ValueError("BatchNorm2d in train mode needs more than 1 value per channel")
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # (C,), (C,)
+            mom = self.momentum
+            self.running_mean.mul_(1 - mom).add_(mean, alpha=mom)
+            self.running_var.mul_(1 - mom).add_(var * (m / (m - 1)), alpha=mom)
+            self.num_batches_tracked += 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        invstd = (var + self.eps).rsqrt()  # (C,)
+        # y = x * scale + shift in one pass, with scale = gamma * invstd
+        scale = self.weight.data * invstd
+        shift = self.bias.data - mean * scale
+        y = torch.addcmul(shift.view(1, c, 1, 1), x, scale.view(1, c, 1, 1))
+        self._push(x, mean, invstd, self.training)
+        return y
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        x, mean, invstd, training = self._pop()
+        c = self.ch
+        m = x.numel() // c
+        view = (1, c, 1, 1)
+        xc = x - mean.view(view)  # (N, C, H, W), centred input
+        sum_g = grad_out.sum((0, 2, 3))  # (C,)
+        sum_g_xc = (grad_out * xc).sum((0, 2, 3))  # (C,) = sum g xhat / invstd
+        self.weight.accumulate(sum_g_xc * invstd)
+        self.bias.accumulate(sum_g)
+        if not input_grad:
+            return None
+        w = self.weight.data * invstd  # (C,) = gamma / sqrt(var + eps)
+        if not training:
+            return grad_out * w.view(view)
+        # dx = w * (g - sum_g / M - xc * invstd^2 * sum_g_xc / M), built as
+        # xc * a + (g * w + b) with per-channel a, b so it takes two passes over x
+        a = -(w * invstd * invstd * sum_g_xc / m)
+        b = -(w * sum_g / m)
+        dx = torch.addcmul(b.view(view), grad_out, w.view(view))
+        return dx.addcmul_(xc, a.view(view))
+
+    def extra_repr(self) -> str:
+        return f"{self.ch}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ReLU(Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clamp_min(0)
+        self._push(y)
+        return y
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        (y,) = self._pop()
+        # d relu / dx = 1 where the output is positive, else 0 (0 at x = 0, as torch)
+        return torch.where(y > 0, grad_out, 0.0) if input_grad else None
+
+
+class LeakyReLU(Module):
+    def __init__(self, slope: float = 0.01):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.where(x > 0, x, x * self.slope)
+        # the branch taken is "x > 0"; for slope >= 0 that equals "y > 0", so the output
+        # (which the next layer keeps anyway) is saved; a negative slope flips y's sign
+        self._push(y if self.slope >= 0 else x)
+        return y
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        (t,) = self._pop()
+        if not input_grad:
+            return None
+        return torch.where(t > 0, grad_out, grad_out * self.slope)
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}"
+
+
+class Tanh(Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        self._push(y)
+        return y
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        (y,) = self._pop()
+        return grad_out * (1 - y * y) if input_grad else None  # tanh' = 1 - tanh^2
+
+
+class Sigmoid(Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(x)
+        self._push(y)
+        return y
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        (y,) = self._pop()
+        return grad_out * (1 - y) * y if input_grad else None  # sigma' = sigma (1 - sigma)
+
+
+class Dropout(Module):
+    """Train mode zeroes each value with probability p and scales survivors by 1/(1-p);
+    eval mode is the identity. The mask is saved, so backward applies the same one."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            self._push(None)
+            return x
+        if self.p == 1.0:
+            mask = torch.zeros_like(x)
+        else:
+            mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
+        self._push(mask)
+        return x * mask
+
+    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        (mask,) = self._pop()
+        if not input_grad:
+            return None
+        return grad_out if mask is None else grad_out * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
