@@ -11,6 +11,7 @@ channel multiplier is capped at 8 so 128x128 adds a block of the same width.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class Generator(nn.Module):
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         # each block doubles the side: (w_in) x s x s -> (w_out) x 2s x 2s
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
+        for w_in, w_out in pairwise(widths):
             layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False),
                        nn.BatchNorm2d(w_out), nn.ReLU(True)]
             if dropout > 0:
@@ -71,7 +72,7 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(nc, widths[0], 4, 2, 1, bias=False),
                                    nn.LeakyReLU(0.2, inplace=True)]
         # each block halves the side: (w_in) x s x s -> (w_out) x s/2 x s/2
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
+        for w_in, w_out in pairwise(widths):
             layers += [nn.Conv2d(w_in, w_out, 4, 2, 1, bias=False),
                        nn.BatchNorm2d(w_out), nn.LeakyReLU(0.2, inplace=True)]
         # (widths[-1]) x 4 x 4 -> 1 x 1 x 1: one logit per image

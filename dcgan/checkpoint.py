@@ -1,0 +1,93 @@
+"""Saving and loading: the full training state and the small generator snapshot.
+
+- `checkpoint.pt`: everything needed to continue exactly (G, D, G-EMA, both
+  optimisers, scalers, progress, RNG states, data position, resolved config).
+  Only tensors, numbers, strings, lists and dicts, so it loads with
+  `torch.load(weights_only=True)`; written to a temporary file, flushed, then
+  renamed over the old one, so a crash mid-write leaves the previous file whole.
+- `generator.safetensors`: the G-EMA weights plus the model config as string
+  metadata. safetensors cannot carry code, so a downloaded snapshot is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from dcgan.errors import UserError
+from dcgan.models import Generator
+
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOT = "generator.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename tmp over path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_state(state: dict[str, Any], path: str | Path) -> None:
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no training state at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or a damaged file
+        raise UserError(f"cannot load training state {path}: {str(e).splitlines()[0]}") from e
+
+
+def save_generator(g: Generator, meta: dict[str, Any], path: str | Path) -> None:
+    """Write G's weights (CPU, contiguous) and `meta` (JSON values) as a safetensors file."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in g.state_dict().items()}
+    header = {"dcgan": json.dumps(meta, sort_keys=True)}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def snapshot_path(path: str | Path) -> Path:
+    """A run folder or a snapshot file -> the snapshot file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SNAPSHOT
+    if not path.is_file():
+        raise UserError(f"no generator snapshot at {path} (expected a run folder or a "
+                        f"{SNAPSHOT} file)")
+    return path
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[Generator, dict[str, Any]]:
+    """Load a snapshot (or a run folder's) into an eval-mode Generator; returns (G, meta).
+
+    meta holds at least nz, ngf, nc, resolution, g_dropout, kimg and dataset.
+    """
+    path = snapshot_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["dcgan"])
+        tensors = load_file(str(path))
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise UserError(f"{path} is not a dcgan generator snapshot: {e}") from e
+    g = Generator(meta["nz"], meta["ngf"], meta["nc"], meta["resolution"], meta["g_dropout"])
+    g.load_state_dict(tensors)
+    return g.to(device).eval(), meta

@@ -1,0 +1,160 @@
+"""The `dcgan` command line: train, sample, data.
+
+Every config field is also a flag (`--d-lr 1e-4` sets train.d_lr). Mistakes a
+user can fix end in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from dcgan.config import PRESETS, apply_overrides, field_index, from_preset
+from dcgan.errors import UserError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field; values stay strings here and are coerced strictly
+    by dcgan.config, so a wrong type gets the config's own message."""
+    for name, (section, f) in field_index().items():
+        flag = "--" + name.replace("_", "-")
+        default = f.default
+        help_ = f"{section}.{name} (default {default!r})"
+        if f.type is bool:
+            p.add_argument(flag, dest=f"cfg_{name}", nargs="?", const="true", metavar="BOOL",
+                           help=help_)
+        else:
+            p.add_argument(flag, dest=f"cfg_{name}", metavar=f.type.__name__.upper(),
+                           help=help_)
+    p.add_argument("--lr", dest="lr_both", metavar="FLOAT",
+                   help="learning rate of both networks (sets --g-lr and --d-lr)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    o = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.lr_both is not None:
+        o.setdefault("g_lr", args.lr_both)
+        o.setdefault("d_lr", args.lr_both)
+    return o
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dcgan import checkpoint
+    from dcgan.config import Config
+    from dcgan.train import prepare_run_dir, training_loop
+
+    overrides = _overrides(args)
+    resume = None
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / checkpoint.CHECKPOINT).is_file():
+            raise UserError(f"--resume {run}: not a run folder (no {checkpoint.CHECKPOINT})")
+        extra = set(overrides) - {"kimg", "device"}
+        if extra:
+            raise UserError("--resume continues the run with its own config; only --kimg and "
+                            f"--device may change (got --{', --'.join(sorted(extra))})")
+        resume = checkpoint.load_state(run / checkpoint.CHECKPOINT)
+        cfg = apply_overrides(Config.from_dict(resume["config"]), overrides)
+        out = run
+    else:
+        cfg = from_preset(args.preset, overrides)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{stamp}"
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    if resume is None:
+        prepare_run_dir(out, cfg, args.force)
+    else:
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+    print(f"run folder: {out}", file=sys.stderr)
+    last = training_loop(cfg, out, resume=resume, progress=not args.quiet)
+    state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else (
+        "done")
+    print(f"{state} at {last.get('kimg', 0)} kimg. In {out}:\n"
+          f"  samples/fakesNNNNNN.png  fixed-noise grid per tick (G-EMA)\n"
+          f"  losses.png               loss and D-output curves\n"
+          f"  stats.jsonl              one JSON line per tick\n"
+          f"  generator.safetensors    G-EMA snapshot (dcgan sample / eval)\n"
+          f"  checkpoint.pt            full training state (--resume)\n"
+          f"  config.json              resolved config", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from dcgan.checkpoint import load_generator
+    from dcgan.report import save_grid
+
+    g, meta = load_generator(args.run, args.device)
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    gen = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(args.n, meta["nz"], generator=gen).to(args.device)
+    with torch.no_grad():
+        images = g(z)
+    path = save_grid(images, args.out)
+    print(f"wrote {args.n} samples ({meta['resolution']}px, {meta['kimg']} kimg) to {path}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from dcgan.data import cache_root, load_images
+    from dcgan.report import save_grid
+
+    data = load_images(args.source, args.resolution, args.channels, split=args.split)
+    n, c, r, _ = data.images.shape
+    preview = Path(args.preview) if args.preview else (
+        cache_root() / "previews" / f"{Path(data.source).name}-{data.split}-{r}px-{c}ch.png")
+    save_grid(data.images[:64], preview)
+    labels = "none" if data.labels is None else f"{len(set(data.labels.tolist()))} classes"
+    print(f"source:  {data.source} ({data.split})\nimages:  {n}\nshape:   {c} x {r} x {r} "
+          f"uint8\nlabels:  {labels}\nskipped: {data.skipped}\npreview: {preview}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcgan", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a DCGAN",
+                       description="Train a DCGAN. Every config field is a flag.")
+    t.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--out", help="run folder (default runs/PRESET-DATE)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run (optionally --kimg TOTAL)")
+    t.add_argument("--force", action="store_true", help="overwrite a run folder in use")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="write a grid of samples from a run's generator")
+    s.add_argument("run", help="run folder or generator.safetensors")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser("data", help="inspect data sources")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    info = dsub.add_parser("info", help="count, shape and a preview grid of a source")
+    info.add_argument("source", help="fashion-mnist, mnist, emoji, fake, or a path")
+    info.add_argument("--resolution", type=int, default=32)
+    info.add_argument("--channels", type=int, default=0)
+    info.add_argument("--split", default="train")
+    info.add_argument("--preview", help="where to write the preview grid")
+    info.set_defaults(func=cmd_data_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"dcgan: error: {e}", file=sys.stderr)
+        return 2
