@@ -116,6 +116,30 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str, kind=str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x)
+    except ValueError as e:
+        raise UserError(f"cannot read {text!r} as a comma-separated list: {e}") from e
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dcgan import bench
+
+    rows = bench.run_bench(args.device, _csv(args.batch, int), _csv(args.resolution, int),
+                           _csv(args.data), args.dataset, _csv(args.rows), args.warmup,
+                           args.windows, args.steps, args.peak_tflops, not args.quiet)
+    print(bench.format_table(rows))
+    command = "dcgan bench " + " ".join(sys.argv[2:])
+    if args.json:
+        bench.write_json(rows, Path(args.json), command)
+        print(f"wrote {args.json}")
+    if args.chart:
+        bench.save_chart(rows, Path(args.chart))
+        print(f"wrote {args.chart}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcgan", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="train-step throughput: reference vs optimisations",
+                       description="Measure train-step images/s of the canonical reference, "
+                       "each optimisation alone and the default configuration.")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--batch", default="64,128", help="comma-separated batch sizes")
+    b.add_argument("--resolution", default="64,32", help="comma-separated resolutions")
+    b.add_argument("--data", default="synthetic,real", help="synthetic and/or real")
+    b.add_argument("--dataset", default="emoji", help="the real data set (RGB)")
+    b.add_argument("--rows", default="", help="only these rows (default: all)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    b.add_argument("--windows", type=int, default=5, help="timed windows (median taken)")
+    b.add_argument("--steps", type=int, default=3, help="steps per timed window")
+    b.add_argument("--peak-tflops", type=float, help="device peak, for the fraction column")
+    b.add_argument("--json", help="write rows as JSON")
+    b.add_argument("--chart", help="write a bar chart PNG")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="inspect data sources")
     dsub = d.add_subparsers(dest="data_command", required=True)

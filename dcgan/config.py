@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16 only on CUDA)
     channels_last: bool = True
     compile: bool = False  # torch.compile each network (dynamic=False)
+    sync_bn: bool = False  # SyncBatchNorm across processes under torchrun
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import resource
 import shutil
 import signal
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from dcgan import checkpoint, report
 from dcgan.config import Config
 from dcgan.data import Batches, load_images
+from dcgan.dist import DistEnv, all_reduce_mean, cleanup, setup, weights_in_sync, wrap
 from dcgan.errors import UserError
 from dcgan.losses import G_LOSSES, d_loss, d_targets
 from dcgan.models import build_discriminator, build_generator
@@ -105,30 +105,40 @@ def with_noise(x: torch.Tensor, std: float) -> torch.Tensor:
 
 @dataclass
 class GAN:
-    """The trained objects: raw modules (what checkpoints hold) and what is called."""
+    """The raw modules (what checkpoints hold: no `_orig_mod.` or `module.` prefixes)
+    and the callables the step uses (compiled and/or DDP-wrapped views of them)."""
 
     G: nn.Module
     D: nn.Module
     G_ema: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
-    G_run: nn.Module  # G, possibly compiled
-    D_run: nn.Module  # D, possibly compiled
+    G_train: nn.Module  # G as called in training (compiled, DDP)
+    D_train: nn.Module  # D for its own update (compiled, DDP: gradients all-reduced)
+    D_frozen: nn.Module  # D for G's update (compiled, no DDP: its gradients are unused)
 
 
-def build_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
+def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None) -> GAN:
+    env = env or DistEnv()
     r = cfg.data.resolution
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    G = build_generator(cfg.model, nc, r).to(device, memory_format=fmt)
-    D = build_discriminator(cfg.model, nc, r).to(device, memory_format=fmt)
+    G = build_generator(cfg.model, nc, r)
+    D = build_discriminator(cfg.model, nc, r)
+    if env.enabled and cfg.train.sync_bn:
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+        D = nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    G = G.to(device, memory_format=fmt)
+    D = D.to(device, memory_format=fmt)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = make_optimizer(cfg.train.g_opt, G.parameters(), cfg.train.g_lr, cfg, device)
     opt_d = make_optimizer(cfg.train.d_opt, D.parameters(), cfg.train.d_lr, cfg, device)
-    G_run, D_run = G, D
+    G_c, D_c = G, D
     if cfg.train.compile:
-        G_run = torch.compile(G, dynamic=False)
-        D_run = torch.compile(D, dynamic=False)
-    return GAN(G, D, G_ema, opt_g, opt_d, G_run, D_run)
+        # dynamic=False: D is called on leaf and on grad-requiring batches; letting
+        # dynamo go dynamic there recompiled and crashed in inductor (DESIGN.md)
+        G_c = torch.compile(G, dynamic=False)
+        D_c = torch.compile(D, dynamic=False)
+    return GAN(G, D, G_ema, opt_g, opt_d, wrap(G_c, env, device), wrap(D_c, env, device), D_c)
 
 
 def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
@@ -140,7 +150,7 @@ def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
     sampling new noise: one G forward saved, still an unbiased gradient.
     """
     t = cfg.train
-    D, G = gan.D_run, gan.G_run
+    D, G = gan.D_train, gan.G_train
     for k in range(t.d_steps):
         x_real = next(batches).contiguous(memory_format=fmt)
         b = x_real.shape[0]
@@ -160,7 +170,7 @@ def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
     gan.D.requires_grad_(False)
     gan.opt_g.zero_grad(set_to_none=True)
     with ctx:
-        logits_g = D(with_noise(fake, noise_std))
+        logits_g = gan.D_frozen(with_noise(fake, noise_std))
     loss_g = G_LOSSES[t.g_loss](logits_g)
     loss_g.backward()
     gan.opt_g.step()
@@ -218,9 +228,24 @@ class StopFlag:
             signal.signal(s, h)
 
 
+def agree_to_stop(flag: bool, steps: int, env: DistEnv, device: torch.device) -> bool:
+    """All ranks must leave the loop at the same step or the next collective hangs.
+
+    A signal can reach ranks between different steps, so under torchrun the
+    ranks compare flags every 16 steps (a small all-reduce, one host sync)."""
+    if not env.enabled:
+        return flag
+    if steps % 16:
+        return False
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def prepare_run_dir(out: Path, cfg: Config, force: bool) -> None:
     """A fresh run folder; refuse to mix two runs unless --force."""
-    if (out / "config.json").exists() or (out / checkpoint.CHECKPOINT).exists():
+    # a folder whose earlier attempt failed before its first tick holds nothing to lose
+    if (out / "stats.jsonl").exists() or (out / checkpoint.CHECKPOINT).exists():
         if not force:
             raise UserError(f"{out} already holds a run; use --resume {out} to continue it "
                             "or --force to start over")
@@ -232,105 +257,129 @@ def prepare_run_dir(out: Path, cfg: Config, force: bool) -> None:
     (out / "config.json").write_text(cfg.to_json() + "\n")
 
 
+def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
+            device: torch.device) -> tuple[int, int]:
+    """Load a checkpoint into fresh objects; returns (nimg, tick).
+
+    In one process the RNG streams are restored too, so the continuation is
+    bit-identical to an uninterrupted run. Under torchrun each rank reseeds from
+    (seed, nimg, rank) instead, which also lets the process count change."""
+    gan.G.load_state_dict(resume["G"])
+    gan.D.load_state_dict(resume["D"])
+    gan.G_ema.load_state_dict(resume["G_ema"])
+    gan.opt_g.load_state_dict(resume["opt_g"])
+    gan.opt_d.load_state_dict(resume["opt_d"])
+    nimg, tick = resume["nimg"], resume["tick"]
+    if resume.get("world_size", 1) == env.world_size:
+        batches.load_state_dict(resume["batches"])
+    else:  # shards differ: start the interrupted epoch's new shards from their beginning
+        batches.load_state_dict({"epoch": resume["batches"]["epoch"], "position": 0})
+    if env.enabled:
+        torch.manual_seed(resume["config"]["train"]["seed"] + 1_000_003 * env.rank + nimg)
+    else:
+        torch.set_rng_state(resume["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in resume:
+            torch.cuda.set_rng_state(resume["rng_cuda"], device)
+    return nimg, tick
+
+
 def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                   progress: bool = True) -> dict[str, Any]:
-    """Train until cfg.train.kimg; return the last tick's stats. `resume` is a loaded
-    checkpoint whose state replaces the fresh one."""
+    """Train until cfg.train.kimg; return the last tick's stats.
+
+    `resume` is a loaded checkpoint whose state replaces the fresh one. Under
+    torchrun every rank runs this; rank 0 alone writes to `out`.
+    """
     t = cfg.train
-    device = resolve_device(t.device)
+    env, device = setup(resolve_device(t.device))
     precision = resolve_precision(t.precision, device)
-    torch.manual_seed(t.seed)
+    main = env.is_main
+    torch.manual_seed(t.seed)  # same initial weights on every rank
 
     data = load_images(cfg.data.dataset, cfg.data.resolution, cfg.data.channels,
-                       cache_dir=cfg.data.cache_dir, progress=progress)
+                       cache_dir=cfg.data.cache_dir, progress=progress and main)
     nc = data.images.shape[1]
-    batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed)
-    gan = build_gan(cfg, nc, device)
+    batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed,
+                      rank=env.rank, world_size=env.world_size)
+    gan = build_gan(cfg, nc, device, env)
     ctx = autocast(precision, device)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
 
     nimg, tick = 0, 0
     if resume is not None:
-        gan.G.load_state_dict(resume["G"])
-        gan.D.load_state_dict(resume["D"])
-        gan.G_ema.load_state_dict(resume["G_ema"])
-        gan.opt_g.load_state_dict(resume["opt_g"])
-        gan.opt_d.load_state_dict(resume["opt_d"])
-        batches.load_state_dict(resume["batches"])
-        nimg, tick = resume["nimg"], resume["tick"]
-        torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in resume:
-            torch.cuda.set_rng_state(resume["rng_cuda"], device)
-        # drop stats lines written after the checkpoint (a crash between the two)
-        rows = [r for r in report.read_stats(out / "stats.jsonl") if r["kimg"] * 1000 <= nimg]
+        nimg, tick = restore(gan, batches, resume, env, device)
+    elif env.enabled:
+        torch.manual_seed(t.seed + 1_000_003 * env.rank)  # different noise per rank
+
+    total = int(round(t.kimg * 1000))
+    per_step = t.batch * t.d_steps * env.world_size  # real images shown to D per iteration
+    beta = ema_beta(cfg, t.batch * env.world_size)
+    tick_nimg = t.tick_kimg * 1000
+    z_fixed = fixed_latents(cfg, device)
+    rows = report.read_stats(out / "stats.jsonl") if main else []
+    if resume is not None and main:  # drop lines written after the checkpoint (a crash)
+        rows = [r for r in rows if r["kimg"] * 1000 <= nimg]
         (out / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def state() -> dict[str, Any]:
         s = {"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
              "opt_g": gan.opt_g.state_dict(), "opt_d": gan.opt_d.state_dict(),
              "batches": batches.state_dict(), "nimg": nimg, "tick": tick,
-             "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict()}
+             "world_size": env.world_size, "rng_cpu": torch.get_rng_state(),
+             "config": cfg.to_dict()}
         if device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(device)
         return s
 
-    def save_snapshot() -> None:
-        checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
-                                  out / checkpoint.SNAPSHOT)
-
-    total = int(round(t.kimg * 1000))
-    per_step = t.batch * t.d_steps
-    beta = ema_beta(cfg, t.batch)
-    z_fixed = fixed_latents(cfg, device)
-    rows = report.read_stats(out / "stats.jsonl")
-    bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, disable=not progress,
-               dynamic_ncols=True, desc="train")
-    last: dict[str, Any] = {}
-
-    def end_tick() -> dict[str, Any]:
-        nonlocal tick_start, tick_nimg0, sums, steps
-        dt = time.perf_counter() - tick_start
-        means = {k: (v / max(steps, 1)).item() for k, v in sums.items()}
-        row = {"tick": tick, "kimg": round(nimg / 1000, 3), **means,
-               "img_per_s": (nimg - tick_nimg0) / dt, "sec_per_kimg": dt / max(
-                   (nimg - tick_nimg0) / 1000, 1e-9),
-               "peak_mem_mb": round(peak_mem_mb(device), 1),
-               "noise_std": instance_noise_std(cfg, nimg, total), "time": time.time()}
-        report.append_stats(out / "stats.jsonl", row)
-        rows.append(row)
-        with torch.no_grad():
-            report.save_grid(gan.G_ema(z_fixed), out / "samples" / f"fakes{nimg // 1000:06d}.png")
-        report.plot_losses(rows, out / "losses.png")
-        save_snapshot()
-        bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}",
-                        refresh=False)
-        tick_start, tick_nimg0 = time.perf_counter(), nimg
-        sums, steps = {}, 0
-        return row
-
-    tick_start, tick_nimg0 = time.perf_counter(), nimg
+    bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+               disable=not (progress and main), desc="train")
+    row: dict[str, Any] = {}
     sums: dict[str, torch.Tensor] = {}
-    steps = 0
-    next_tick = (math.floor(nimg / (t.tick_kimg * 1000)) + 1) * t.tick_kimg * 1000
+    steps, tick_start, tick_start_nimg = 0, time.perf_counter(), nimg
     stopped = False
     with StopFlag() as stop:
-        while nimg < total:
-            out_ = train_step(gan, batches, cfg, instance_noise_std(cfg, nimg, total), ctx, fmt)
+        while nimg < total and not stopped:
+            step_stats = train_step(gan, batches, cfg, instance_noise_std(cfg, nimg, total),
+                                    ctx, fmt)
             ema_update(gan.G_ema, gan.G, beta)  # beta 0 (no EMA) copies G
-            for k, v in out_.items():
+            for k, v in step_stats.items():  # summed on the device: no sync until the tick
                 sums[k] = sums[k] + v if k in sums else v.clone()
             steps += 1
             nimg += per_step
             bar.update(per_step)
-            if nimg >= next_tick or nimg >= total or stop.set:
-                tick += 1
-                last = end_tick()
-                next_tick += t.tick_kimg * 1000
-                if tick % t.checkpoint_ticks == 0 or nimg >= total or stop.set:
+            stopped = agree_to_stop(stop.set, steps, env, device)
+            if nimg // tick_nimg == (nimg - per_step) // tick_nimg and nimg < total and (
+                    not stopped):
+                continue
+            # ---- end of a tick: the one host synchronisation
+            tick += 1
+            means = {k: v.item() for k, v in all_reduce_mean(
+                {k: v / steps for k, v in sums.items()}, env).items()}
+            dt = time.perf_counter() - tick_start
+            row = {"tick": tick, "kimg": round(nimg / 1000, 3), **means,
+                   "img_per_s": (nimg - tick_start_nimg) / dt,
+                   "sec_per_kimg": dt * 1000 / (nimg - tick_start_nimg),
+                   "peak_mem_mb": round(peak_mem_mb(device), 1),
+                   "noise_std": instance_noise_std(cfg, nimg, total), "time": time.time()}
+            if main:
+                report.append_stats(out / "stats.jsonl", row)
+                rows.append(row)
+                with torch.no_grad():
+                    report.save_grid(gan.G_ema(z_fixed),
+                                     out / "samples" / f"fakes{nimg // 1000:06d}.png")
+                report.plot_losses(rows, out / "losses.png")
+                checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
+                                          out / checkpoint.SNAPSHOT)
+                if tick % t.checkpoint_ticks == 0 or nimg >= total or stopped:
                     checkpoint.save_state(state(), out / checkpoint.CHECKPOINT)
-            if stop.set:
-                stopped = True
-                break
+                bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}",
+                                refresh=False)
+            sums, steps, tick_start, tick_start_nimg = {}, 0, time.perf_counter(), nimg
     bar.close()
-    last["stopped"] = stopped
-    return last
+    if env.enabled:
+        in_sync = weights_in_sync([gan.G, gan.D], env)
+        if main:
+            print(f"{env.world_size} ranks hold identical G and D weights: {in_sync}",
+                  file=sys.stderr)
+    cleanup(env)
+    return {**row, "stopped": stopped}
