@@ -5,12 +5,16 @@
   Only tensors, numbers, strings, lists and dicts, so it loads with
   `torch.load(weights_only=True)`; written to a temporary file, flushed, then
   renamed over the old one, so a crash mid-write leaves the previous file whole.
+  The state is serialised once, its SHA-256 stored beside the bytes, and both
+  checked on load: a truncated or bit-flipped file is reported, never half-used.
 - `generator.safetensors`: the G-EMA weights plus the model config as string
   metadata. safetensors cannot carry code, so a downloaded snapshot is safe.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -44,17 +48,29 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    wrapped = {"format": "dcgan-state-1", "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    _atomic_write(Path(path), lambda tmp: torch.save(wrapped, tmp))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
+    """Load and verify a training state; any damage or foreign content is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no training state at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or a damaged file
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused (would run code) or a damaged file
         raise UserError(f"cannot load training state {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(wrapped, dict) or wrapped.get("format") != "dcgan-state-1":
+        raise UserError(f"{path} is not a dcgan training state")
+    payload = wrapped["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapped["sha256"]:
+        raise UserError(f"{path} is damaged (checksum mismatch); not loaded")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def save_generator(g: Generator, meta: dict[str, Any], path: str | Path) -> None:

@@ -40,7 +40,7 @@ def test_smoke_run_writes_every_artefact(tmp_path):
     assert (out / "losses.png").stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["train"]["kimg"] == 0.064
     # the full state loads without running code; the snapshot is safetensors
-    state = torch.load(out / checkpoint.CHECKPOINT, weights_only=True)
+    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
     assert state["nimg"] == 64
     tensors = load_file(out / checkpoint.SNAPSHOT)
     assert "main.0.weight" in tensors
@@ -63,8 +63,8 @@ def test_resume_is_exact(tmp_path, options):
     state = checkpoint.load_state(split / checkpoint.CHECKPOINT)
     cfg_resumed = from_preset("fmnist32", {**TINY, **options, "kimg": 0.128})
     training_loop(cfg_resumed, split, resume=state, progress=False)
-    a = torch.load(straight / checkpoint.CHECKPOINT, weights_only=True)
-    b = torch.load(split / checkpoint.CHECKPOINT, weights_only=True)
+    a = checkpoint.load_state(straight / checkpoint.CHECKPOINT)
+    b = checkpoint.load_state(split / checkpoint.CHECKPOINT)
     assert a["nimg"] == b["nimg"] == 128
     for net in ("G", "D", "G_ema"):
         for k in a[net]:
@@ -91,3 +91,41 @@ def test_schedules():
     assert instance_noise_std(cfg, 1000, 1000) == 0.0
     # half-life of 1 kimg at batch 100: ten steps halve the weight of the past
     assert ema_beta(cfg, 100) ** 10 == pytest.approx(0.5)
+
+
+def test_checkpoint_damage_is_detected(tmp_path):
+    from dcgan.errors import UserError
+
+    state = {"w": torch.arange(1000, dtype=torch.float32), "nimg": 5}
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_state(state, path)
+    assert torch.equal(checkpoint.load_state(path)["w"], state["w"])
+    # the outer file itself is a weights_only-loadable container
+    assert torch.load(path, weights_only=True)["format"] == "dcgan-state-1"
+    data = bytearray(path.read_bytes())
+    payload_at = data.find(b"nimg")  # a byte inside the serialised state
+    data[payload_at] ^= 0x01
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged|cannot load"):
+        checkpoint.load_state(tmp_path / "flipped.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot load"):
+        checkpoint.load_state(tmp_path / "cut.pt")
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    from dcgan.errors import UserError
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"x": Evil()}, path, pickle_module=pickle)
+    with pytest.raises(UserError, match="cannot load"):
+        checkpoint.load_state(path)
+    assert not marker.exists()
