@@ -1,4 +1,4 @@
-"""The `dcgan` command line: train, sample, data.
+"""The `dcgan` command line: train, sample, eval, bench, transfer, export, data.
 
 Every config field is also a flag (`--d-lr 1e-4` sets train.d_lr). Mistakes a
 user can fix end in one line on stderr and exit status 2, never a traceback.
@@ -7,6 +7,7 @@ user can fix end in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dcgan.evaluate import evaluate, format_table
+
+    result = evaluate(args.a, args.b, _csv(args.metrics), args.features, args.n,
+                      device=args.device, json_path=args.json, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from dcgan.transfer import format_table, run_transfer
+
+    labels = [x if x == "all" else int(x) for x in _csv(args.labels)]
+    result = run_transfer(args.run, labels, args.source, args.draws, args.device,
+                          progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dcgan.export import export_generator
+
+    path = export_generator(args.run, args.format, args.out)
+    print(f"wrote {args.format} generator to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcgan", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,6 +213,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chart", help="write a bar chart PNG")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="FID, KID, precision/recall, IS, Parzen between A and B",
+                       description="Compare two image sets. A and B are run folders, "
+                       "generator snapshots or data sources with a split "
+                       "(fashion-mnist:train, fashion-mnist:test, emoji, a folder).")
+    e.add_argument("a")
+    e.add_argument("b")
+    e.add_argument("--metrics", default="fid,kid,pr", help="any of fid,kid,pr,is,parzen")
+    e.add_argument("--features", default="inception", choices=["inception", "domain"])
+    e.add_argument("--n", type=int, default=10000, help="images per side")
+    e.add_argument("--json", help="write the result as JSON")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("transfer", help="classify with the trained D's features")
+    tr.add_argument("run", help="run folder (needs checkpoint.pt)")
+    tr.add_argument("--labels", default="100,1000,all", help="labels per class, comma-separated")
+    tr.add_argument("--source", help="labelled source (default: the run's data set)")
+    tr.add_argument("--draws", type=int, default=3, help="label draws (mean and std)")
+    tr.add_argument("--json", help="write the result as JSON")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_transfer)
+
+    x = sub.add_parser("export", help="export the generator (BatchNorm folded)")
+    x.add_argument("run", help="run folder or generator.safetensors")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="inspect data sources")
     dsub = d.add_subparsers(dest="data_command", required=True)
