@@ -61,6 +61,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile each network (dynamic=False)
     sync_bn: bool = False  # SyncBatchNorm across processes under torchrun
+    engine: str = "torch"  # torch (autograd) or scratch (dcgan.engine, hand-written backward)
 
 
 @dataclass
@@ -208,5 +209,11 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_ticks >= 1, f"checkpoint_ticks must be >= 1, got {t.checkpoint_ticks}")
     _check(t.precision in ("auto", "fp32", "bf16", "fp16"),
            f"precision must be auto, fp32, bf16 or fp16, got {t.precision}")
+    _check(t.engine in ("torch", "scratch"), f"engine must be torch or scratch, got {t.engine}")
+    if t.engine == "scratch":
+        _check(t.precision in ("auto", "fp32") and not t.compile and t.instance_noise == 0
+               and t.g_loss == "nonsat" and t.d_steps == 1,
+               "engine scratch trains in fp32 without compile, instance noise, minimax loss "
+               "or d_steps > 1")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"device must be auto, cpu, cuda or cuda:N, got {t.device}")

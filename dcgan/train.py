@@ -86,12 +86,15 @@ def ema_beta(cfg: Config, batch_total: int) -> float:
 
 
 @torch.no_grad()
-def ema_update(g_ema: nn.Module, g: nn.Module, beta: float) -> None:
-    """g_ema <- beta * g_ema + (1 - beta) * g; BatchNorm running stats are copied."""
-    ema_p = list(g_ema.parameters())
-    torch._foreach_lerp_(ema_p, [p.detach() for p in g.parameters()], 1.0 - beta)
-    for b_ema, b in zip(g_ema.buffers(), g.buffers(), strict=True):
-        b_ema.copy_(b)
+def ema_update(g_ema: nn.Module, g, beta: float) -> None:
+    """g_ema <- beta * g_ema + (1 - beta) * g; BatchNorm running stats are copied.
+
+    g is read through its state_dict, so an engine generator (same keys) works too."""
+    src = g.state_dict()
+    names, ema_p = zip(*g_ema.named_parameters(), strict=True)
+    torch._foreach_lerp_(list(ema_p), [src[n].detach() for n in names], 1.0 - beta)
+    for name, b in g_ema.named_buffers():
+        b.copy_(src[name])
 
 
 def instance_noise_std(cfg: Config, nimg: int, total_nimg: int) -> float:
@@ -118,8 +121,38 @@ class GAN:
     D_frozen: nn.Module  # D for G's update (compiled, no DDP: its gradients are unused)
 
 
+def build_scratch_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
+    """The same GAN on dcgan.engine: hand-written backward passes, no autograd.
+
+    Checkpoints stay interchangeable: engine state_dicts use the torch key names."""
+    from dcgan.engine.gan import ScratchGAN
+
+    sgan = ScratchGAN.from_config(cfg, nc, device)
+    G_ema = build_generator(cfg.model, nc, cfg.data.resolution).to(device)
+    G_ema.load_state_dict(sgan.generator.state_dict())
+    G_ema.eval().requires_grad_(False)
+    return GAN(sgan.generator, sgan.discriminator, G_ema, sgan.g_opt, sgan.d_opt,
+               sgan, sgan, sgan)
+
+
+def scratch_step(gan: GAN, batches: Batches, cfg: Config) -> dict[str, torch.Tensor]:
+    """Algorithm 1 (k = 1) with the engine; same targets and statistics as train_step."""
+    t, sgan = cfg.train, gan.G_train
+    x_real = next(batches)
+    b = x_real.shape[0]
+    z = torch.randn(b, cfg.model.nz, 1, 1, device=x_real.device)
+    t_real, t_fake = d_targets(b, t.label_smoothing, t.label_flip, x_real.device)
+    out = sgan.d_step(x_real, z, t_real, t_fake)
+    out.update(sgan.g_step(z))
+    return {k: v.detach() for k, v in out.items()}
+
+
 def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None) -> GAN:
     env = env or DistEnv()
+    if cfg.train.engine == "scratch":
+        if env.enabled:
+            raise UserError("engine scratch runs in one process (no torchrun)")
+        return build_scratch_gan(cfg, nc, device)
     r = cfg.data.resolution
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     G = build_generator(cfg.model, nc, r)
@@ -292,7 +325,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     """
     t = cfg.train
     env, device = setup(resolve_device(t.device))
-    precision = resolve_precision(t.precision, device)
+    precision = "fp32" if t.engine == "scratch" else resolve_precision(t.precision, device)
     main = env.is_main
     torch.manual_seed(t.seed)  # same initial weights on every rank
 
@@ -339,8 +372,11 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     stopped = False
     with StopFlag() as stop:
         while nimg < total and not stopped:
-            step_stats = train_step(gan, batches, cfg, instance_noise_std(cfg, nimg, total),
-                                    ctx, fmt)
+            if t.engine == "scratch":
+                step_stats = scratch_step(gan, batches, cfg)
+            else:
+                step_stats = train_step(gan, batches, cfg, instance_noise_std(cfg, nimg, total),
+                                        ctx, fmt)
             ema_update(gan.G_ema, gan.G, beta)  # beta 0 (no EMA) copies G
             for k, v in step_stats.items():  # summed on the device: no sync until the tick
                 sums[k] = sums[k] + v if k in sums else v.clone()

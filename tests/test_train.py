@@ -129,3 +129,19 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(UserError, match="cannot load"):
         checkpoint.load_state(path)
     assert not marker.exists()
+
+
+def test_scratch_engine_run(tmp_path):
+    # `dcgan train --engine scratch`: same loop, artefacts and resume on dcgan.engine
+    out = tmp_path / "run"
+    last = run(out, kimg=0.032, engine="scratch", ema_kimg=0.0)
+    assert last["kimg"] == 0.032 and 0 < last["d_real"] < 1
+    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    g, _ = checkpoint.load_generator(out)
+    # without EMA the snapshot is the engine G itself, loaded into the torch model
+    for k, v in state["G"].items():
+        assert torch.allclose(v, g.state_dict()[k], atol=1e-7), k
+    resumed = from_preset("fmnist32", {**TINY, "engine": "scratch", "ema_kimg": 0.0,
+                                       "kimg": 0.064})
+    training_loop(resumed, out, resume=state, progress=False)
+    assert checkpoint.load_state(out / checkpoint.CHECKPOINT)["nimg"] == 64
