@@ -85,20 +85,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
+    from dcgan import latent
     from dcgan.checkpoint import load_generator
     from dcgan.report import save_grid
 
-    g, meta = load_generator(args.run, args.device)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    gen = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(args.n, meta["nz"], generator=gen).to(args.device)
-    with torch.no_grad():
-        images = g(z)
-    path = save_grid(images, args.out)
-    print(f"wrote {args.n} samples ({meta['resolution']}px, {meta['kimg']} kimg) to {path}")
+    g, meta = load_generator(args.run, args.device)
+    nz = meta["nz"]
+    if args.interpolate:
+        images = latent.interpolation_grid(g, nz, args.interpolate, args.steps, args.seed,
+                                           args.truncation)
+        nrow, what = args.steps, f"{args.interpolate} interpolations of {args.steps} steps"
+    elif args.arithmetic:
+        a, b, c = latent.parse_arithmetic(args.arithmetic, args.n)
+        bank = latent.latent_bank(args.n, nz, args.seed, args.truncation)
+        images = latent.vector_arithmetic(g, bank, a, b, c)
+        nrow, what = latent.ARITHMETIC_NROW, "mean A, mean B, mean C, A - B + C, neighbours"
+    else:
+        images = latent.decode(g, latent.latent_bank(args.n, nz, args.seed, args.truncation))
+        nrow, what = 0, f"{args.n} samples (index i at row i // columns, row-major)"
+    path = save_grid(images, args.out, nrow)
+    print(f"wrote {what} ({meta['resolution']}px, {meta['kimg']} kimg) to {path}")
     return 0
 
 
@@ -193,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples.png")
+    s.add_argument("--truncation", type=float, default=0.0,
+                   help="redraw latent entries with |z| above this (0: plain normal)")
+    s.add_argument("--interpolate", type=int, default=0, metavar="K",
+                   help="K rows of spherical interpolation between pairs of latents")
+    s.add_argument("--steps", type=int, default=8, help="images per interpolation row")
+    s.add_argument("--arithmetic", metavar="A:B:C",
+                   help="vector arithmetic mean(A) - mean(B) + mean(C) on grid indices of the "
+                   "same --n and --seed, e.g. 3,10,22:5,9,40:1,2,8")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_sample)
 
