@@ -30,6 +30,7 @@ from dcgan.models import Generator
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT = "generator.safetensors"
+BEST = "best.safetensors"  # the snapshot with the lowest FID so far (--eval-every)
 
 
 def _atomic_write(path: Path, write) -> None:

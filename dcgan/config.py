@@ -61,6 +61,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile each network (dynamic=False)
     sync_bn: bool = False  # SyncBatchNorm across processes under torchrun
+    eval_every: float = 0.0  # kimg between FID/KID evaluations against the training set (0: off)
+    eval_features: str = "domain"  # domain (fast, Fashion-MNIST/MNIST) or inception
+    eval_n: int = 5000  # generated and reference images per evaluation
     engine: str = "torch"  # torch (autograd) or scratch (dcgan.engine, hand-written backward)
 
 
@@ -209,6 +212,10 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_ticks >= 1, f"checkpoint_ticks must be >= 1, got {t.checkpoint_ticks}")
     _check(t.precision in ("auto", "fp32", "bf16", "fp16"),
            f"precision must be auto, fp32, bf16 or fp16, got {t.precision}")
+    _check(t.eval_every >= 0, f"eval_every must be >= 0, got {t.eval_every}")
+    _check(t.eval_features in ("domain", "inception"),
+           f"eval_features must be domain or inception, got {t.eval_features}")
+    _check(t.eval_n >= 10, f"eval_n must be >= 10, got {t.eval_n}")
     _check(t.engine in ("torch", "scratch"), f"engine must be torch or scratch, got {t.engine}")
     if t.engine == "scratch":
         _check(t.precision in ("auto", "fp32") and not t.compile and t.instance_noise == 0

@@ -344,6 +344,14 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     elif env.enabled:
         torch.manual_seed(t.seed + 1_000_003 * env.rank)  # different noise per rank
 
+    tracker = None
+    if t.eval_every > 0 and main:
+        from dcgan.evaluate import FidTracker
+
+        tracker = FidTracker(cfg.data.dataset, cfg.data.resolution, nc, t.eval_features,
+                             t.eval_n, device, cfg.data.cache_dir, progress=progress)
+    best_fid = resume.get("best_fid", float("inf")) if resume is not None else float("inf")
+
     total = int(round(t.kimg * 1000))
     per_step = t.batch * t.d_steps * env.world_size  # real images shown to D per iteration
     beta = ema_beta(cfg, t.batch * env.world_size)
@@ -358,7 +366,8 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
         s = {"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
              "opt_g": gan.opt_g.state_dict(), "opt_d": gan.opt_d.state_dict(),
              "batches": batches.state_dict(), "nimg": nimg, "tick": tick,
-             "world_size": env.world_size, "rng_cpu": torch.get_rng_state(),
+             "world_size": env.world_size, "best_fid": best_fid,
+             "rng_cpu": torch.get_rng_state(),
              "config": cfg.to_dict()}
         if device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -406,6 +415,18 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                 report.plot_losses(rows, out / "losses.png")
                 checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
                                           out / checkpoint.SNAPSHOT)
+                eval_step = t.eval_every * 1000
+                if tracker is not None and (nimg // eval_step > tick_start_nimg // eval_step
+                                            or nimg >= total):
+                    scores = tracker(gan.G_ema)
+                    best = scores["fid"] < best_fid
+                    if best:  # keep the best snapshot: DCGAN's FID often worsens later on
+                        best_fid = scores["fid"]
+                        checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
+                                                  out / checkpoint.BEST)
+                    report.append_stats(out / "metrics.jsonl", {
+                        "kimg": row["kimg"], **scores, "best": best, "time": time.time()})
+                    row["fid"] = scores["fid"]
                 if tick % t.checkpoint_ticks == 0 or nimg >= total or stopped:
                     checkpoint.save_state(state(), out / checkpoint.CHECKPOINT)
                 bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}",
