@@ -38,9 +38,12 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim layout ({"state": {i: ...}, "param_groups": [...]}); it loads into
-        the matching torch optimiser and back."""
+        the matching torch optimiser and back. Tensors are copies: torch's own
+        load_state_dict keeps same-device tensors as they are, and a live state shared
+        between two optimisers would be updated twice per step."""
         group = dict(self._hyper(), params=list(range(len(self.params))))
-        return {"state": {i: dict(st) for i, st in enumerate(self.state) if st},
+        return {"state": {i: {k: v.clone() for k, v in st.items()}
+                          for i, st in enumerate(self.state) if st},
                 "param_groups": [group]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

@@ -1,0 +1,308 @@
+"""Export a run's generator for inference without this package: TorchScript or ONNX.
+
+What is exported is the snapshot's G (the EMA weights) in eval mode with every
+BatchNorm folded into the transposed convolution before it, so the graph is a
+plain chain ConvTranspose2d(+bias) -> ReLU -> ... -> ConvTranspose2d(+bias) -> Tanh.
+In eval mode BatchNorm is a per-channel affine map, y = s * x + (beta - s * mean)
+with s = gamma / sqrt(var + eps); folding it removes one pass over every
+activation and leaves nothing train-mode-specific for a consumer to get wrong.
+
+The exported graph takes z of shape (N, nz, 1, 1) float32 (standard normal, as
+in training) and returns images (N, nc, R, R) float32 in [-1, 1]. N is free
+(a dynamic axis) unless batch_dynamic=False.
+
+ONNX goes through the TorchScript-based exporter (`dynamo=False`, opset 17):
+the torch.export-based default needs the extra `onnxscript` package, and here it
+took ~90 s against ~1 s for this five-layer chain, giving the same numbers.
+`torch.jit` and that exporter are deprecated upstream but still work in torch
+2.13; their deprecation warnings are silenced because choosing them is deliberate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcgan.checkpoint import load_generator
+from dcgan.errors import UserError
+from dcgan.models import Generator, init_weights
+
+FORMATS = ("torchscript", "onnx")
+ONNX_OPSET = 17  # run by onnxruntime >= 1.13; the TorchScript exporter writes up to 20
+VARIANTS = ("eager", "compiled", "torchscript", "onnx")
+CHECK_TOLERANCE = 1e-4  # an export whose outputs differ more than this from eager is refused
+
+
+def fold_batchnorm(g: Generator | nn.Sequential) -> nn.Sequential:
+    """G (eval semantics) -> an equivalent nn.Sequential without BatchNorm or Dropout.
+
+    Each BatchNorm2d is folded into the ConvTranspose2d before it. A transposed
+    conv's weight is (in, out, k, k): output channel o is weight[:, o], so the
+    BatchNorm scale s (out,) multiplies along dim 1, and the new bias is
+    s * (bias - running_mean) + beta. The arithmetic runs in float64 and is
+    rounded once to the original dtype. Dropout is the identity in eval mode.
+    """
+    layers = list(g.main if isinstance(g, Generator) else g)
+    out: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.Dropout):
+            continue
+        if isinstance(layer, nn.BatchNorm2d):
+            conv = out[-1] if out else None
+            if not isinstance(conv, nn.ConvTranspose2d) or conv.groups != 1:
+                raise ValueError("a BatchNorm2d must follow an ungrouped ConvTranspose2d "
+                                 f"to be folded, found it after {type(conv).__name__}")
+            if layer.running_mean is None or layer.running_var is None:
+                raise ValueError("BatchNorm2d without running statistics cannot be folded")
+            out[-1] = _fold(conv, layer)
+            continue
+        out.append(copy.deepcopy(layer))
+    return nn.Sequential(*out).eval()
+
+
+@torch.no_grad()
+def _fold(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTranspose2d:
+    w = conv.weight.double()  # (in, out, k, k)
+    mean, var = bn.running_mean.double(), bn.running_var.double()  # (out,)
+    gamma = bn.weight.double() if bn.affine else torch.ones_like(mean)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)  # (out,)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+    folded = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                conv.stride, conv.padding, conv.output_padding, 1, True,
+                                conv.dilation, device=conv.weight.device,
+                                dtype=conv.weight.dtype)
+    folded.weight.copy_(w * scale.view(1, -1, 1, 1))
+    folded.bias.copy_(scale * (bias - mean) + beta)
+    return folded
+
+
+@contextlib.contextmanager
+def _deliberate():
+    """Silence the upstream deprecation warnings of torch.jit and of the TorchScript-based
+    ONNX exporter, which this module uses on purpose (see the module doc)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def _save(seq: nn.Sequential, nz: int, fmt: str, out: Path, batch_dynamic: bool,
+          meta: dict[str, Any]) -> None:
+    """Write the folded chain `seq` (CPU, eval) in `fmt` to `out`, with `meta` attached."""
+    info = json.dumps({**meta, "input": f"z float32 (N, {nz}, 1, 1)",
+                       "output": "images float32 (N, nc, R, R) in [-1, 1]"}, sort_keys=True)
+    example = torch.zeros(1, nz, 1, 1)  # (N, nz, 1, 1)
+    if fmt == "torchscript":
+        with _deliberate():
+            # script, not trace: no shape is baked in, every batch size works
+            torch.jit.save(torch.jit.script(seq), str(out), _extra_files={"dcgan.json": info})
+        return
+    onnx = _require("onnx")
+    axes = {"z": {0: "batch"}, "images": {0: "batch"}} if batch_dynamic else None
+    with _deliberate():
+        torch.onnx.export(seq, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["z"], output_names=["images"], dynamic_axes=axes)
+    model = onnx.load(str(out))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "dcgan", info
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+
+def _require(name: str):
+    """Import onnx / onnxruntime, or tell the user how to install them."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"ONNX export needs {name}: pip install 'dcgan[export]' "
+                        "(onnx, onnxruntime)") from None
+
+
+def load_exported(path: str | Path, device: str = "cpu"):
+    """A callable z (N, nz, 1, 1) tensor -> images tensor for an exported file.
+
+    For tests and the benchmark; users need no dcgan to run an export (docs/use.md).
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        ort = _require("onnxruntime")
+
+        providers = ["CPUExecutionProvider"]
+        if str(device).startswith("cuda") and (
+                "CUDAExecutionProvider" in ort.get_available_providers()):
+            providers.insert(0, "CUDAExecutionProvider")
+        session = ort.InferenceSession(str(path), providers=providers)
+
+        def run(z: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"z": z.detach().cpu().numpy()})[0])
+
+        run.providers = session.get_providers()  # type: ignore[attr-defined]
+        return run
+    with _deliberate():
+        return torch.jit.load(str(path), map_location=device)
+
+
+def _check(g: Generator, path: Path, n: int) -> float:
+    """Largest |exported - eager| over n latents; raises if above CHECK_TOLERANCE."""
+    z = torch.randn(n, g.nz, 1, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = g(z)
+        got = load_exported(path)(z)
+    err = (got - want).abs().max().item()
+    if not err <= CHECK_TOLERANCE:
+        raise RuntimeError(f"exported {path} differs from the eager generator by {err:.2e}")
+    return err
+
+
+def export_generator(run_or_snapshot: str, fmt: str, out: str,
+                     batch_dynamic: bool = True) -> Path:
+    """Write a run's (or snapshot file's) G-EMA as TorchScript or ONNX to `out`.
+
+    The file takes z (N, nz, 1, 1) float32 and returns images (N, nc, R, R) in
+    [-1, 1]; metadata (nz, nc, resolution, kimg, data set) travels inside it
+    (TorchScript: the extra file dcgan.json; ONNX: metadata_props["dcgan"]).
+    batch_dynamic only affects ONNX (False fixes N = 1); TorchScript is scripted
+    and takes any N. The export is run once against the eager G before returning.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}: choose torchscript or onnx")
+    if fmt == "onnx":
+        _require("onnx")
+    g, meta = load_generator(run_or_snapshot, "cpu")  # eval mode
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder: give a file name such as "
+                        f"generator.{'onnx' if fmt == 'onnx' else 'pt'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fold_batchnorm(g), g.nz, fmt, path, batch_dynamic, meta)
+    # without onnxruntime an ONNX file is written unchecked (onnx's checker still ran)
+    if fmt == "torchscript" or importlib.util.find_spec("onnxruntime") is not None:
+        _check(g, path, 3 if batch_dynamic else 1)
+    return path
+
+
+# --------------------------------------------------------------------- sampling speed
+
+
+def canonical_generator() -> tuple[Generator, dict[str, Any]]:
+    """The 64x64 DCGAN G of the paper / PyTorch example (nz 100, ngf 64, nc 3), DCGAN
+    init from seed 0, eval mode: speed does not depend on the weights' values."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        g = Generator(100, 64, 3, 64)
+        g.apply(init_weights)
+    meta = {"nz": 100, "ngf": 64, "nc": 3, "resolution": 64, "g_dropout": 0.0,
+            "dataset": "none (canonical G, untrained)", "kimg": 0.0}
+    return g.eval(), meta
+
+
+def _median_rate(fn, z, batch: int, sync, warmup: int, windows: int,
+                 min_window_s: float) -> tuple[float, float]:
+    """(first call s, median images/s): each window repeats fn(z) for >= min_window_s."""
+    t = time.perf_counter()
+    fn(z)
+    sync()
+    first = time.perf_counter() - t
+    for _ in range(warmup):
+        fn(z)
+    sync()
+    rates = []
+    for _ in range(windows):
+        calls, t = 0, time.perf_counter()
+        while True:
+            fn(z)
+            calls += 1
+            sync()
+            dt = time.perf_counter() - t
+            if dt >= min_window_s:
+                break
+        rates.append(calls * batch / dt)
+    return first, statistics.median(rates)
+
+
+def time_generator(run_or_none: str | None = None,
+                   variants: tuple[str, ...] = VARIANTS,
+                   batches: tuple[int, ...] = (1, 256), device: str = "cpu",
+                   warmup: int = 3, windows: int = 5, min_window_s: float = 0.25,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Inference images/s of G per (variant, batch): eager, torch.compile, TorchScript
+    and ONNX Runtime (the last two are the files `export_generator` writes, BN folded).
+
+    Without a run it times the canonical 64x64 G. Each number is the median over
+    `windows` windows of >= min_window_s after `warmup` untimed calls; the first
+    call (compilation, for `compiled`) is reported apart as first_call_s. ONNX
+    Runtime takes and returns numpy arrays, so on CUDA its rows include the host
+    copies a numpy user pays too.
+    """
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise UserError(f"unknown generator variant(s) {sorted(unknown)}: choose from "
+                        f"{', '.join(VARIANTS)}")
+    if any(b < 1 for b in batches):
+        raise UserError(f"batch sizes must be >= 1, got {list(batches)}")
+    dev = torch.device(device)
+    g, meta = load_generator(run_or_none, "cpu") if run_or_none else canonical_generator()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dcgan-export-") as tmp:
+        for variant in variants:
+            fn, note = _variant(variant, g, meta, dev, Path(tmp))
+            for b in batches:
+                row = {"variant": variant, "batch": b, "images_per_s": None,
+                       "ms_per_batch": None, "first_call_s": None, "device": str(dev),
+                       "resolution": meta["resolution"], "nz": meta["nz"], "ngf": meta["ngf"],
+                       "nc": meta["nc"], "threads": torch.get_num_threads(), "note": note}
+                if fn is not None:
+                    z = torch.randn(b, meta["nz"], 1, 1, generator=torch.Generator()
+                                    .manual_seed(b)).to(dev)
+                    with torch.inference_mode():
+                        first, rate = _median_rate(fn, z, b, sync, warmup, windows,
+                                                   min_window_s)
+                    row.update(images_per_s=rate, ms_per_batch=1000 * b / rate,
+                               first_call_s=first)
+                if progress:
+                    shown = "-" if fn is None else f"{row['images_per_s']:.1f} img/s"
+                    print(f"generator {variant:11s} batch {b:4d}: {shown}", file=sys.stderr,
+                          flush=True)
+                rows.append(row)
+    return rows
+
+
+def _variant(name: str, g: Generator, meta: dict[str, Any], dev: torch.device, tmp: Path):
+    """(callable or None, note) for one variant; None with the reason when unavailable."""
+    if name == "eager":
+        return g.to(dev), ""
+    if name == "compiled":
+        # dynamic=False: one graph per batch size, compiled in the first (untimed) call
+        return torch.compile(g.to(dev), dynamic=False), "torch.compile, dynamic=False"
+    if name == "torchscript":
+        path = tmp / "g.pt"
+        _save(fold_batchnorm(g.cpu()), meta["nz"], "torchscript", path, True, meta)
+        g.to(dev)
+        return load_exported(path, str(dev)), "BatchNorm folded, torch.jit.script"
+    if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
+        return None, "skipped: pip install 'dcgan[export]' (onnx, onnxruntime)"
+    path = tmp / "g.onnx"
+    _save(fold_batchnorm(g.cpu()), meta["nz"], "onnx", path, True, meta)
+    g.to(dev)
+    fn = load_exported(path, str(dev))
+    return fn, f"BatchNorm folded, onnxruntime {'/'.join(fn.providers)}, numpy in/out"
+

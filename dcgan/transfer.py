@@ -1,0 +1,412 @@
+"""How much did D learn about images? Linear probes on its features (DCGAN paper, 5.1).
+
+The paper trains on one data set, then reuses D as a fixed feature extractor:
+every convolutional layer's output (after its activation) is max-pooled to a
+4x4 grid, flattened and concatenated, and a linear classifier is trained on
+top with a few labels. `run_transfer` does that for a run folder and puts three
+baselines beside it, all with the same labelled subsets and test split:
+
+- raw pixels with the same linear classifier (what the features add at all);
+- an untrained D of the same architecture, initialised exactly as this run's D
+  was at step 0 (same seed, same draw order): what adversarial training added
+  over random convolutional features;
+- the same D architecture trained supervised from scratch on the same labels
+  (D's body + a linear head on the same pooled features): what the GAN's
+  unlabelled data bought over using the labels directly.
+
+The classifier is multinomial logistic regression, fitted with L-BFGS in torch
+(no extra dependency) on standardised features; its L2 weight is chosen on a
+stratified 20 % of the labelled subset held out for validation, then the model
+is refitted on the whole subset. Accuracies are mean and standard deviation
+over `draws` independent label draws.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dcgan import checkpoint
+from dcgan.config import Config
+from dcgan.errors import UserError
+from dcgan.models import Discriminator, block_widths, build_discriminator, build_generator
+
+GRID = 4  # each layer's activations are max-pooled to GRID x GRID, as in the paper
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # weight of 0.5 * |W|^2 beside the mean loss
+VAL_FRACTION = 0.2
+MAX_TRAIN = 10_000  # "all": at most this many labelled images (a random subsample)
+
+METHODS = {  # result key -> table column
+    "d_features": "D features",
+    "pixels": "raw pixels",
+    "untrained_d": "untrained D",
+    "supervised": "supervised D",
+}
+
+# --------------------------------------------------------------------- features
+
+
+def feature_dim(ndf: int, resolution: int) -> int:
+    """Length of `d_features`: 16 per channel of every hidden layer of D.
+
+    64x64, ndf 64: widths 64, 128, 256, 512 -> (64 + 128 + 256 + 512) * 16 = 15360.
+    """
+    return GRID * GRID * sum(block_widths(ndf, resolution))
+
+
+def pooled_features(layers: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run x (N, C, R, R) through `layers`; every activation's output (N, c, s, s) is
+    max-pooled to (N, c, 4, 4) and flattened; returns their concatenation (N, F)."""
+    feats = []
+    for layer in layers:
+        x = layer(x)
+        if isinstance(layer, (nn.LeakyReLU, nn.ReLU)):
+            # the last hidden layer is already 4x4: pooling it is the identity
+            feats.append(F.adaptive_max_pool2d(x, GRID).flatten(1))
+    return torch.cat(feats, 1)
+
+
+def body(d: Discriminator) -> nn.Sequential:
+    """D without its final 4x4 logit convolution (a view sharing D's modules)."""
+    return d.main[:-1]
+
+
+def d_features(d: Discriminator, x: torch.Tensor) -> torch.Tensor:
+    """Images x (N, nc, R, R) in [-1, 1] -> D features (N, feature_dim(ndf, R))."""
+    return pooled_features(body(d), x)
+
+
+def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, R, R) -> float32 in [-1, 1], the range D was trained on."""
+    x = torch.as_tensor(images)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def extract(d: Discriminator, images: np.ndarray, device: str | torch.device = "cpu",
+            batch: int = 256, progress: bool = True, desc: str = "features") -> torch.Tensor:
+    """uint8 images (N, C, R, R) -> CPU float32 features (N, F), D in eval mode."""
+    d = d.to(device).eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress,
+                  dynamic_ncols=True, leave=False):
+        x = to_unit(images[i:i + batch]).to(device)
+        out.append(d_features(d, x).float().cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------- classifier
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Zero mean, unit variance per feature, with statistics of `train` only.
+
+    Features constant over `train` (dead units) get scale 1 instead of 1/0.
+    """
+    mean = train.mean(0)
+    std = train.std(0, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
+                 max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression: minimise mean cross-entropy + l2/2 |W|^2.
+
+    x: (n, F) float32, y: (n,) int64 in [0, n_classes). Returns W (F, K), b (K,);
+    the bias is not penalised. Full-batch L-BFGS: the objective is smooth and
+    convex, so a few dozen iterations reach the optimum to plotting accuracy.
+    """
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-10,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def predict(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x @ w + b).argmax(1)
+
+
+def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (fit, val) into y: about `fraction` of each class held out, but never
+    a class's last example (classes with one example stay whole in fit)."""
+    fit, val = [], []
+    for c in np.unique(y):
+        pos = rng.permutation(np.flatnonzero(y == c))
+        k = min(len(pos) - 1, max(1, round(fraction * len(pos))))
+        val.append(pos[:k])
+        fit.append(pos[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+
+
+def linear_probe(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor,
+                 y_test: np.ndarray, n_classes: int, rng: np.random.Generator
+                 ) -> tuple[float, float]:
+    """Test accuracy of the linear classifier and its chosen L2 weight.
+
+    x_train (n, F), x_test (m, F); labels int in [0, n_classes) (test labels of
+    classes absent from training may be -1: always wrong).
+    """
+    y_tr = torch.as_tensor(y_train, dtype=torch.int64)
+    fit, val = stratified_split(y_train, VAL_FRACTION, rng)
+    l2 = 1e-2  # no class has two examples: nothing to validate on, take the middle
+    if len(val):
+        xf, xv = standardise(x_train[fit], x_train[val])
+        scores = []
+        for lam in L2_GRID:
+            w, b = fit_logistic(xf, y_tr[fit], n_classes, lam)
+            scores.append((predict(w, b, xv) == y_tr[val]).float().mean().item())
+        l2 = L2_GRID[int(np.argmax(scores))]  # ties: the first, i.e. the strongest prior
+    xt, xs = standardise(x_train, x_test)
+    w, b = fit_logistic(xt, y_tr, n_classes, l2)
+    acc = (predict(w, b, xs) == torch.as_tensor(y_test)).float().mean().item()
+    return acc, l2
+
+
+# --------------------------------------------------------------------- supervised baseline
+
+
+class SupervisedD(nn.Module):
+    """D's body + a linear head on the pooled features: images -> class logits (N, K)."""
+
+    def __init__(self, d: Discriminator, n_classes: int, dim: int):
+        super().__init__()
+        self.body = body(d)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled_features(self.body, x))
+
+
+def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarray,
+                     n_classes: int, seed: int, device: str | torch.device = "cpu",
+                     epochs: int = 3, min_steps: int = 150, batch: int = 64,
+                     lr: float = 1e-3) -> SupervisedD:
+    """Train a copy of d_init (+ a head) with cross-entropy and Adam on (images, labels).
+
+    Runs max(min_steps, epochs * ceil(n / batch)) steps: tiny label sets need
+    more passes than a few epochs to fit, large ones stay cheap on a CPU.
+    """
+    n = len(images)
+    ndf = d_init.main[0].out_channels  # D's first conv: nc -> ndf
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the head's init and the batch order
+        d = Discriminator(ndf, d_init.nc, d_init.resolution)
+        d.load_state_dict(d_init.state_dict())
+        model = SupervisedD(d, n_classes, feature_dim(ndf, d_init.resolution)).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        x_all = torch.from_numpy(np.ascontiguousarray(images))  # uint8 (n, C, R, R)
+        y_all = torch.as_tensor(labels, dtype=torch.int64)
+        b = min(batch, n)
+        steps = max(min_steps, epochs * math.ceil(n / b))
+        order = torch.randperm(n)
+        pos = 0
+        for _ in range(steps):
+            if pos + b > n:  # a fresh permutation each pass; the short tail is dropped
+                order, pos = torch.randperm(n), 0
+            idx = order[pos:pos + b]
+            pos += b
+            x = to_unit(x_all[idx]).to(device)
+            loss = F.cross_entropy(model(x), y_all[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: SupervisedD, images: np.ndarray, device: str | torch.device = "cpu",
+             batch: int = 256, progress: bool = True) -> np.ndarray:
+    """Predicted classes (N,) of uint8 images, BatchNorm on its running statistics."""
+    preds = []
+    for i in tqdm(range(0, len(images), batch), desc="supervised D: test", unit="batch",
+                  disable=not progress, dynamic_ncols=True, leave=False):
+        preds.append(model(to_unit(images[i:i + batch]).to(device)).argmax(1).cpu())
+    return torch.cat(preds).numpy()
+
+
+# --------------------------------------------------------------------- the experiment
+
+
+def _parse_label_counts(labels: Iterable[int | str]) -> list[int | str]:
+    out: list[int | str] = []
+    for n in labels:
+        if isinstance(n, str) and n.strip().lower() == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(n)
+        except (TypeError, ValueError):
+            raise UserError(f"--labels: {n!r} is neither a number of labels per class nor "
+                            "'all'") from None
+        if k < 2:
+            # one label per class leaves nothing to choose the regularisation on
+            raise UserError(f"--labels: need at least 2 labels per class, got {k}")
+        out.append(k)
+    if not out:
+        raise UserError("--labels: give at least one count, e.g. 100,1000,all")
+    return out
+
+
+def draw_subset(y: np.ndarray, n: int | str, rng: np.random.Generator,
+                max_train: int = MAX_TRAIN) -> np.ndarray:
+    """Sorted indices into the train split: n per class, or all (at most max_train)."""
+    if n == "all":
+        idx = np.arange(len(y))
+        if len(idx) > max_train:
+            idx = rng.choice(idx, max_train, replace=False)
+        return np.sort(idx)
+    chosen = []
+    for c in np.unique(y):
+        pos = np.flatnonzero(y == c)
+        if len(pos) < n:
+            raise UserError(f"--labels {n}: class {c} has only {len(pos)} training images")
+        chosen.append(rng.choice(pos, n, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_draw": values}
+
+
+def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # noqa: B006
+                 source: str | None = None, draws: int = 3, device: str = "cpu",
+                 progress: bool = True, max_train: int = MAX_TRAIN) -> dict[str, Any]:
+    """Linear-probe accuracies of a run's D and the three baselines; see the module doc.
+
+    labels: labelled images per class (ints >= 2) and/or "all" (the whole train
+    split, randomly subsampled to max_train). source defaults to the run's own
+    data set, read at the run's resolution and channels; it needs labels and a
+    test split. Returns a JSON-ready dict; `format_table` prints it.
+    """
+    from dcgan.data import load_images  # the data module pulls Pillow: load it when needed
+
+    start = time.perf_counter()
+    counts = _parse_label_counts(labels)
+    if draws < 1:
+        raise UserError(f"--draws must be >= 1, got {draws}")
+    run = Path(run_dir)
+    state = checkpoint.load_state(run / checkpoint.CHECKPOINT)
+    cfg = Config.from_dict(state["config"])
+    resolution = cfg.data.resolution
+    nc = state["D"]["main.0.weight"].shape[1]  # D's first conv: (ndf, nc, 4, 4)
+    src = source or cfg.data.dataset
+
+    train = load_images(src, resolution, nc, "train", cfg.data.cache_dir, progress)
+    if train.labels is None:
+        raise UserError(f"{src} has no labels: transfer needs a labelled source with a test "
+                        "split (e.g. --source fashion-mnist, mnist, or a CIFAR-10 folder)")
+    test = load_images(src, resolution, nc, "test", cfg.data.cache_dir, progress)
+    classes = np.unique(train.labels)
+    k = len(classes)
+    if k < 2:
+        raise UserError(f"{src} has a single class in its train split: nothing to classify")
+    # labels -> 0..K-1; a test class never seen in training becomes -1 (always wrong)
+    y_train = np.searchsorted(classes, train.labels)
+    y_test = np.where(np.isin(test.labels, classes), np.searchsorted(classes, test.labels), -1)
+
+    # the trained D, and the same architecture as it was before its first step:
+    # training_loop seeds with train.seed, then builds G, then D
+    d_trained = Discriminator(cfg.model.ndf, nc, resolution)
+    d_trained.load_state_dict(state["D"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        build_generator(cfg.model, nc, resolution)
+        d_untrained = build_discriminator(cfg.model, nc, resolution)
+
+    # every labelled subset first, so each image's features are computed once
+    subsets: dict[tuple[int, int | str], np.ndarray] = {}
+    for draw in range(draws):
+        rng = np.random.default_rng([cfg.train.seed, draw])
+        for n in counts:
+            subsets[draw, n] = draw_subset(y_train, n, rng, max_train)
+    used = np.unique(np.concatenate(list(subsets.values())))  # sorted train indices
+
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train rows, test)
+    for name, d in (("d_features", d_trained), ("untrained_d", d_untrained)):
+        feats[name] = (extract(d, train.images[used], device, progress=progress,
+                               desc=f"{METHODS[name]}: train"),
+                       extract(d, test.images, device, progress=progress,
+                               desc=f"{METHODS[name]}: test"))
+    feats["pixels"] = (to_unit(train.images[used]).flatten(1), to_unit(test.images).flatten(1))
+
+    rows = []
+    for n in counts:
+        acc: dict[str, list[float]] = {m: [] for m in METHODS}
+        chosen_l2: dict[str, list[float]] = {m: [] for m in METHODS if m != "supervised"}
+        for draw in range(draws):
+            idx = subsets[draw, n]
+            rows_in_used = np.searchsorted(used, idx)
+            rng = np.random.default_rng([cfg.train.seed, draw, 1])
+            for m, (f_train, f_test) in feats.items():
+                a, lam = linear_probe(f_train[rows_in_used], y_train[idx], f_test, y_test, k,
+                                      rng)
+                acc[m].append(a)
+                chosen_l2[m].append(lam)
+            model = train_supervised(d_untrained, train.images[idx], y_train[idx], k,
+                                     seed=cfg.train.seed * 1000 + draw, device=device)
+            pred = classify(model, test.images, device, progress=progress)
+            acc["supervised"].append(float((pred == y_test).mean()))
+        rows.append({"labels": n, "n_train": len(subsets[0, n]),
+                     **{m: _summary(acc[m]) for m in METHODS}, "l2": chosen_l2})
+
+    notes = []
+    if "all" in counts and len(y_train) > max_train:
+        notes.append(f"'all' uses a random {max_train} of the {len(y_train)} training images "
+                     "(max_train) to keep the classifiers' training affordable")
+    return {
+        "run": str(run), "source": train.source, "resolution": resolution, "channels": nc,
+        "classes": k, "n_train_split": len(y_train), "n_test": len(y_test), "draws": draws,
+        "feature_dims": {"d": feature_dim(cfg.model.ndf, resolution),
+                         "pixels": nc * resolution * resolution},
+        "classifier": "multinomial logistic regression (L-BFGS) on standardised features; "
+                      f"L2 weight from {list(L2_GRID)} on a stratified {VAL_FRACTION:.0%} "
+                      "validation split of the labelled images",
+        "supervised": "D's body + linear head on the pooled features, Adam lr 1e-3, "
+                      "max(150, 3 epochs) steps of batch 64, cross-entropy, from D's init",
+        "rows": rows, "notes": notes, "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a plain-text table of test accuracy (%), mean ± std over draws."""
+    head = ["labels/class", "train imgs", *METHODS.values()]
+    body_rows = []
+    for r in result["rows"]:
+        cells = [str(r["labels"]), str(r["n_train"])]
+        cells += [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METHODS]
+        body_rows.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in body_rows)) for i, h in enumerate(head)]
+    lines = [f"{result['source']} test split ({result['n_test']} images, {result['classes']} "
+             f"classes) at {result['resolution']}px x {result['channels']}ch: test accuracy %, "
+             f"mean ± std over {result['draws']} label draw(s)"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+              for cells in body_rows]
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)

