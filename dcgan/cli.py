@@ -135,6 +135,10 @@ def _csv(text: str, kind=str) -> tuple:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dcgan import bench
 
+    if args.engine:
+        return bench_engine(args)
+    if args.generator:
+        return bench_generator(args)
     rows = bench.run_bench(args.device, _csv(args.batch, int), _csv(args.resolution, int),
                            _csv(args.data), args.dataset, _csv(args.rows), args.warmup,
                            args.windows, args.steps, args.peak_tflops, not args.quiet)
@@ -178,6 +182,46 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export_generator(args.run, args.format, args.out)
     print(f"wrote {args.format} generator to {path}")
+    return 0
+
+
+def bench_engine(args: argparse.Namespace) -> int:
+    """dcgan.engine (both kernels) vs torch autograd on the same DCGAN step, same run."""
+    from dcgan.engine.bench import IMPLS, time_dcgan_step
+    from dcgan.train import resolve_device
+
+    device = str(resolve_device(args.device))
+    print(f"{'impl':<14} {'batch':>5} {'res':>4} {'s/step':>8} {'img/s':>8} {'x torch':>8}")
+    results = []
+    for r in _csv(args.resolution, int):
+        for b in _csv(args.batch, int):
+            secs = {impl: time_dcgan_step(impl, b, r, 3, device, steps=args.windows * args.steps,
+                                          warmup=args.warmup, windows=args.windows)
+                    for impl in IMPLS}
+            for impl, sec in secs.items():
+                print(f"{impl:<14} {b:>5} {r:>4} {sec:>8.4f} {b / sec:>8.1f} "
+                      f"{sec / secs['torch']:>8.2f}")
+                results.append({"name": impl, "device": device, "batch": b, "resolution": r,
+                                "sec_per_step": sec, "img_per_s": b / sec})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def bench_generator(args: argparse.Namespace) -> int:
+    """Generator-only images/s: eager, compiled, TorchScript, ONNX at batch 1 and 256."""
+    from dcgan.export import time_generator
+    from dcgan.train import resolve_device
+
+    rows = time_generator(args.run, batches=_csv(args.gen_batch, int),
+                          device=str(resolve_device(args.device)), progress=not args.quiet)
+    print(f"{'variant':<12} {'batch':>5} {'img/s':>10} {'first call s':>13}  note")
+    for row in rows:
+        rate = "-" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}"
+        first = "-" if row["first_call_s"] is None else f"{row['first_call_s']:.2f}"
+        print(f"{row['variant']:<12} {row['batch']:>5} {rate:>10} {first:>13}  {row['note']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
@@ -225,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--windows", type=int, default=5, help="timed windows (median taken)")
     b.add_argument("--steps", type=int, default=3, help="steps per timed window")
     b.add_argument("--peak-tflops", type=float, help="device peak, for the fraction column")
+    b.add_argument("--engine", action="store_true",
+                   help="instead: dcgan.engine (native, unfold) vs torch autograd step")
+    b.add_argument("--generator", action="store_true",
+                   help="instead: generator-only images/s (eager, compiled, exported)")
+    b.add_argument("--run", help="with --generator: a run folder (default: canonical 64px G)")
+    b.add_argument("--gen-batch", default="1,256", help="with --generator: batch sizes")
     b.add_argument("--json", help="write rows as JSON")
     b.add_argument("--chart", help="write a bar chart PNG")
     b.add_argument("--quiet", action="store_true")
