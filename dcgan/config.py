@@ -64,6 +64,7 @@ class TrainConfig:
     eval_every: float = 0.0  # kimg between FID/KID evaluations against the training set (0: off)
     eval_features: str = "domain"  # domain (fast, Fashion-MNIST/MNIST) or inception
     eval_n: int = 5000  # generated and reference images per evaluation
+    on_nan: str = "stop"  # stop, or rollback: reload the last checkpoint with halved lrs (3x)
     engine: str = "torch"  # torch (autograd) or scratch (dcgan.engine, hand-written backward)
 
 
@@ -216,6 +217,7 @@ def validate(cfg: Config) -> None:
     _check(t.eval_features in ("domain", "inception"),
            f"eval_features must be domain or inception, got {t.eval_features}")
     _check(t.eval_n >= 10, f"eval_n must be >= 10, got {t.eval_n}")
+    _check(t.on_nan in ("stop", "rollback"), f"on_nan must be stop or rollback, got {t.on_nan}")
     _check(t.engine in ("torch", "scratch"), f"engine must be torch or scratch, got {t.engine}")
     if t.engine == "scratch":
         _check(t.precision in ("auto", "fp32") and not t.compile and t.instance_noise == 0

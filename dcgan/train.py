@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import resource
 import shutil
 import signal
@@ -275,6 +276,46 @@ def agree_to_stop(flag: bool, steps: int, env: DistEnv, device: torch.device) ->
     return bool(t.item())
 
 
+MAX_ROLLBACKS = 3
+
+
+class Watch:
+    """Per-tick health checks: non-finite values, and the collapse patterns users
+    report (D right about everything, or G's loss climbing tick after tick)."""
+
+    def __init__(self, patience: int = 4):
+        self.patience = patience
+        self.d_certain = 0  # consecutive ticks with D(x) > 0.99 and D(G(z)) < 0.01
+        self.g_rising = 0  # consecutive ticks of growing G loss
+        self.last_g = float("inf")
+        self.warned: set[str] = set()
+
+    @staticmethod
+    def finite(means: dict[str, float], gan: GAN) -> bool:
+        if not all(math.isfinite(v) for v in means.values()):
+            return False
+        weights = [v for net in (gan.G, gan.D) for v in net.state_dict().values()
+                   if v.is_floating_point()]
+        return bool(torch.stack([w.isfinite().all() for w in weights]).all())
+
+    def collapse(self, means: dict[str, float]) -> list[str]:
+        self.d_certain = self.d_certain + 1 if (
+            means["d_real"] > 0.99 and means["d_fake"] < 0.01) else 0
+        self.g_rising = self.g_rising + 1 if means["loss_g"] > self.last_g else 0
+        self.last_g = means["loss_g"]
+        found = []
+        if self.d_certain >= self.patience and "d" not in self.warned:
+            self.warned.add("d")
+            found.append(f"D has separated real from fake almost perfectly for {self.d_certain} "
+                         "ticks: G gets little gradient (try --label-smoothing 0.1, "
+                         "--instance-noise 0.1 or a lower --d-lr)")
+        if self.g_rising >= self.patience and "g" not in self.warned:
+            self.warned.add("g")
+            found.append(f"G's loss has grown for {self.g_rising} ticks in a row: a sign of "
+                         "collapse; compare samples/ across ticks")
+        return found
+
+
 def prepare_run_dir(out: Path, cfg: Config, force: bool) -> None:
     """A fresh run folder; refuse to mix two runs unless --force."""
     # a folder whose earlier attempt failed before its first tick holds nothing to lose
@@ -379,6 +420,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     sums: dict[str, torch.Tensor] = {}
     steps, tick_start, tick_start_nimg = 0, time.perf_counter(), nimg
     stopped = False
+    watch, rollbacks = Watch(), 0
     with StopFlag() as stop:
         while nimg < total and not stopped:
             if t.engine == "scratch":
@@ -400,6 +442,36 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
             tick += 1
             means = {k: v.item() for k, v in all_reduce_mean(
                 {k: v / steps for k, v in sums.items()}, env).items()}
+            if not watch.finite(means, gan):
+                # nothing of this tick is written: the last checkpoint stays the last good one
+                ckpt = out / checkpoint.CHECKPOINT
+                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else (
+                    "no checkpoint was written yet")
+                if t.on_nan == "stop" or rollbacks >= MAX_ROLLBACKS or not ckpt.exists():
+                    raise UserError(f"non-finite loss or weights at {nimg / 1000:.3f} kimg "
+                                    f"(tick {tick}); training stopped; {where}")
+                rollbacks += 1
+                bad_kimg = nimg / 1000
+                good = checkpoint.load_state(ckpt)
+                nimg, tick = restore(gan, batches, good, env, device)
+                for opt in (gan.opt_g, gan.opt_d):
+                    for group in opt.param_groups:
+                        group["lr"] *= 0.5 ** rollbacks  # the loaded state has the old lr
+                event = {"event": "rollback", "at_kimg": bad_kimg, "to_kimg": nimg / 1000,
+                         "lr_factor": 0.5 ** rollbacks, "time": time.time()}
+                if main:
+                    report.append_stats(out / "events.jsonl", event)
+                    print(f"\nnon-finite values: rolled back to {nimg / 1000:.3f} kimg with "
+                          f"learning rates x{0.5 ** rollbacks} ({rollbacks}/{MAX_ROLLBACKS})",
+                          file=sys.stderr)
+                sums, steps, tick_start, tick_start_nimg = {}, 0, time.perf_counter(), nimg
+                bar.n = nimg
+                continue
+            for warning in watch.collapse(means):
+                if main:
+                    print(f"\nwarning: {warning}", file=sys.stderr)
+                    report.append_stats(out / "events.jsonl", {
+                        "event": "warning", "kimg": nimg / 1000, "message": warning})
             dt = time.perf_counter() - tick_start
             row = {"tick": tick, "kimg": round(nimg / 1000, 3), **means,
                    "img_per_s": (nimg - tick_start_nimg) / dt,

@@ -145,3 +145,45 @@ def test_scratch_engine_run(tmp_path):
                                        "kimg": 0.064})
     training_loop(resumed, out, resume=state, progress=False)
     assert checkpoint.load_state(out / checkpoint.CHECKPOINT)["nimg"] == 64
+
+
+def _poison_after(monkeypatch, calls: int):
+    """Make the `calls`-th training step leave a NaN in G (a fault injected once)."""
+    import dcgan.train as train_module
+
+    real_step, count = train_module.train_step, {"n": 0}
+
+    def step(gan, *args, **kwargs):
+        out = real_step(gan, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            with torch.no_grad():
+                next(gan.G.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", step)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from dcgan.errors import UserError
+
+    _poison_after(monkeypatch, 3)  # ticks are 2 steps: tick 1 good, tick 2 poisoned
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"non-finite .* 0.064 kimg .* last good checkpoint"):
+        run(out, kimg=0.096)
+    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    assert state["nimg"] == 32
+    assert all(v.isfinite().all() for v in state["G"].values() if v.is_floating_point())
+
+
+def test_nan_rollback_halves_learning_rates(tmp_path, monkeypatch):
+    _poison_after(monkeypatch, 3)
+    out = tmp_path / "run"
+    last = run(out, kimg=0.096, on_nan="rollback")
+    assert last["kimg"] == 0.096
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["rollback"]
+    assert events[0]["to_kimg"] == 0.032 and events[0]["lr_factor"] == 0.5
+    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
