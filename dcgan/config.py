@@ -102,7 +102,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 PRESETS: dict[str, dict[str, Any]] = {
     # The CPU demo: Fashion-MNIST at 32x32, a few minutes on two cores.
     "fmnist32": {"dataset": "fashion-mnist", "resolution": 32, "channels": 1, "batch": 64,
-                 "kimg": 150.0, "ngf": 64, "ndf": 64},
+                 "kimg": 200.0, "ngf": 64, "ndf": 64},
     # The paper / canonical PyTorch example: 64x64, batch 128, nz 100, ngf = ndf = 64.
     "dcgan64": {"dataset": "emoji", "resolution": 64, "channels": 3, "batch": 128,
                 "kimg": 1000.0, "tick_kimg": 10.0},
