@@ -177,9 +177,10 @@ def _named_idx_source(name: str, split: str, cache_dir: str) -> _Source:
         if found is not None:
             return _idx_source(name, name, found)
     where = " or ".join(str(f) for f in folders)
-    install = "install them with `apt-get install dataset-fashion-mnist`, " if (
-        name == "fashion-mnist"
-    ) else ""
+    install = (
+        "install them with `apt-get install dataset-fashion-mnist`, "
+        if name == "fashion-mnist" else ""
+    )
     raise UserError(
         f"{name} {split} files ({_idx_names(split)}) not found in {where}: {install}"
         f"put the IDX files in {folders[-1]}, or pass --dataset PATH to a folder holding them"
@@ -454,37 +455,49 @@ def _emoji_source(split: str) -> _Source:
 
 
 def _render_emoji(table: dict, status: dict, resolution: int, progress: bool) -> np.ndarray:
-    """Render each distinct emoji glyph -> uint8 (N, 3, R, R), glyph centred on white."""
+    """Render each distinct emoji glyph -> uint8 (N, 3, R, R), glyph centred on white.
+
+    Each sequence is drawn on a transparent canvas, cropped to its visible pixels (alpha),
+    composited on white, padded to a square and resized.
+    """
     font = ImageFont.truetype(str(EMOJI_FONT), EMOJI_FONT_SIZE)
-    one_wide = font.getbbox("\U0001f600", mode="RGBA")[2]  # one glyph's advance (136 px)
+    _, _, one_wide, one_high = font.getbbox("\U0001f600", mode="RGBA")  # one glyph: 136 x 128
     # Minimally-qualified and unqualified variants (no U+FE0F) draw the same glyph as the
     # fully-qualified one (checked: no distinct render lost), so only those are drawn.
     wanted = status["fully_qualified"]
     sequences = sorted(s for s, d in table.items() if d.get("status", wanted) <= wanted)
+    # One transparent canvas, cleared per glyph, wide enough to see a sequence that the
+    # font lacks fall apart into several glyphs side by side.
+    canvas = Image.new("RGBA", (3 * one_wide, 2 * one_high), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
     seen: set[bytes] = set()
     out = []
     for seq in tqdm(sequences, desc="emoji", unit="glyph", file=sys.stderr, disable=not progress):
-        left, top, right, bottom = font.getbbox(seq, mode="RGBA")
-        if right <= left or bottom <= top:
-            continue  # the font has no glyph at all
-        canvas = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
-        ImageDraw.Draw(canvas).text((-left, -top), seq, font=font, embedded_color=True)
+        canvas.paste((0, 0, 0, 0), (0, 0, *canvas.size))
+        draw.text((0, 0), seq, font=font, embedded_color=True)
         box = canvas.getbbox()  # of the alpha band: the visible glyph
         if box is None:
-            continue  # drawn blank
+            continue  # no glyph, or a blank one
         if box[2] - box[0] > 1.5 * one_wide:
-            continue  # a sequence the font lacks falls apart into several glyphs side by side
+            continue  # fell apart into several glyphs: the font has no such sequence
         glyph = canvas.crop(box)
         digest = hashlib.sha1(glyph.tobytes() + repr(glyph.size).encode()).digest()
         if digest in seen:
             continue  # e.g. skin-tone variants the font draws like the base emoji
         seen.add(digest)
-        # Composite on white, pad to a centred square, then Lanczos down to R.
-        w, h = glyph.size
+        # Composite on white. ImageDraw pastes a colour glyph through its own alpha, so
+        # the canvas holds colour * alpha (premultiplied) beside alpha: over white that is
+        # rgb + (255 - alpha), the same bytes as drawing straight onto white. (Treating
+        # it as straight alpha would darken every antialiased edge.)
+        rgba = np.asarray(glyph, dtype=np.int16)  # (h, w, 4)
+        rgb = np.clip(rgba[..., :3] + (255 - rgba[..., 3:]), 0, 255).astype(np.uint8)
+        # Pad to a centred white square, then Lanczos down to R.
+        h, w = rgb.shape[:2]
         side = max(w, h)
-        square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-        square.alpha_composite(glyph, ((side - w) // 2, (side - h) // 2))
-        small = square.convert("RGB").resize((resolution, resolution), _LANCZOS)
+        square = np.full((side, side, 3), 255, dtype=np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top : top + h, left : left + w] = rgb
+        small = Image.fromarray(square).resize((resolution, resolution), _LANCZOS)
         out.append(np.asarray(small).transpose(2, 0, 1))  # (3, R, R)
     if not out:
         raise UserError(f"emoji font {EMOJI_FONT} drew no glyphs")

@@ -21,6 +21,8 @@ from dcgan.data import IMAGE_EXTENSIONS, Batches, ImageSet, load_images
 from dcgan.errors import UserError
 
 LANCZOS = Image.Resampling.LANCZOS
+# Batches run on every device at hand: the CUDA path (pinned, non-blocking indices) too.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(autouse=True)
@@ -320,7 +322,7 @@ def test_fake_is_seeded_and_not_cached(cache: Path) -> None:
     assert a.images.shape == (1024, 3, 32, 32) and a.labels is None and a.source == "fake"
     np.testing.assert_array_equal(a.images, b.images)
     assert 120 < a.images.mean() < 135  # uniform bytes
-    assert load_images("fake", 64, channels=1).images.shape == (1024, 1, 64, 64)
+    assert load_images("fake", 32, channels=1).images.shape == (1024, 1, 32, 32)
     assert not cache.exists() or not list(cache.iterdir())
 
 
@@ -417,6 +419,29 @@ def test_emoji_render_and_cache(shared_cache: Path, monkeypatch) -> None:
     assert t2 - t1 < (t1 - t0) / 3
 
 
+def test_emoji_edges_composite_like_drawing_on_white() -> None:
+    """Antialiased glyph edges over white must not darken (premultiplied canvas)."""
+    if not data.EMOJI_FONT.is_file():
+        pytest.skip(f"{data.EMOJI_FONT} missing: apt-get install fonts-noto-color-emoji")
+    from PIL import ImageDraw, ImageFont
+
+    face = "\U0001f600"
+    got = data._render_emoji({face: {"status": 2}}, {"fully_qualified": 2}, 128, False)
+    font = ImageFont.truetype(str(data.EMOJI_FONT), data.EMOJI_FONT_SIZE)
+    alpha = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
+    ImageDraw.Draw(alpha).text((0, 0), face, font=font, embedded_color=True)
+    white = Image.new("RGB", (136, 128), (255, 255, 255))
+    ImageDraw.Draw(white).text((0, 0), face, font=font, embedded_color=True)
+    left, top, right, bottom = alpha.getbbox()
+    glyph = white.crop((left, top, right, bottom))
+    side = max(glyph.size)
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(glyph, ((side - glyph.size[0]) // 2, (side - glyph.size[1]) // 2))
+    want = np.asarray(square.resize((128, 128), LANCZOS)).transpose(2, 0, 1)
+    assert got.shape == (1, 3, 128, 128)
+    np.testing.assert_array_equal(got[0], want)
+
+
 # ---- the cache ---------------------------------------------------------------------------
 
 
@@ -468,11 +493,11 @@ def test_cache_keys_channels_and_labels(tmp_path: Path, cache: Path) -> None:
     load_images(str(folder), 32, progress=False)
     load_images(str(folder), 32, channels=3, progress=False)
     load_images(str(folder), 32, split="test", progress=False)
-    names = sorted(p.name for p in cache.iterdir())
-    assert [n.rsplit("-", 3)[1:] for n in names] == [
-        ["32px", "1ch", "test.npz"], ["32px", "1ch", "train.npz"], ["32px", "3ch", "train.npz"]
+    keys = {tuple(p.name.rsplit("-", 3)[1:]): p for p in cache.iterdir()}
+    assert sorted(keys) == [
+        ("32px", "1ch", "test.npz"), ("32px", "1ch", "train.npz"), ("32px", "3ch", "train.npz")
     ]
-    with np.load(cache / names[1], allow_pickle=False) as z:
+    with np.load(keys["32px", "1ch", "train.npz"], allow_pickle=False) as z:
         assert z["labels"].dtype == np.int64 and z["labels"].shape == (4,)
 
 
@@ -490,21 +515,26 @@ def ids(batch: torch.Tensor) -> list[int]:
     return torch.round((batch[:, 0, 0, 1] + 1) * 127.5).long().tolist()
 
 
-def test_batches_values_and_epochs() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_values_and_epochs(device: str) -> None:
     images = numbered_images(22)
     images[0] = 255  # the extremes map to exactly +1 and -1
-    b = Batches(images, batch=5, seed=3)
+    b = Batches(images, batch=5, device=device, seed=3)
     assert b.batches_per_epoch == 4
-    seen = []
+    seen, xs = [], []
     for _ in range(4):
         x = next(b)
+        xs.append(x.cpu())
         assert x.dtype == torch.float32 and x.shape == (5, 1, 4, 4)
+        assert x.device.type == device
         assert x.min() >= -1 and x.max() <= 1
         seen += ids(x)
     assert b.epoch == 1 and b.state_dict() == {"epoch": 1, "position": 0}
     assert len(set(seen)) == 20  # each image at most once; 2 left over in the dropped batch
     perm = torch.randperm(22, generator=torch.Generator().manual_seed(3))[:20].tolist()
     assert seen == [255 if i == 0 else i for i in perm]
+    want = torch.from_numpy(images)[perm].float() / 127.5 - 1  # every pixel, exactly
+    assert torch.equal(torch.cat(xs), want)
     perm = torch.randperm(22, generator=torch.Generator().manual_seed(4))[:20].tolist()
     assert sum((ids(next(b)) for _ in range(4)), []) == [255 if i == 0 else i for i in perm]
 
@@ -541,22 +571,36 @@ def test_batches_two_ranks_are_disjoint() -> None:
     assert odd[0].batches_per_epoch == odd[1].batches_per_epoch  # same step count per rank
 
 
-def test_batches_resume_is_exact() -> None:
+def get_rng(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def set_rng(device: str, state: torch.Tensor) -> None:
+    if device == "cuda":
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_resume_is_exact(device: str) -> None:
     images = np.random.default_rng(0).integers(0, 256, (30, 3, 8, 8), dtype=np.uint8)
     torch.manual_seed(123)
-    stream = Batches(images, batch=4, flip=True, seed=9)
+    stream = Batches(images, batch=4, device=device, flip=True, seed=9)
+    assert stream.images.device.type == device and stream.images.dtype == torch.uint8
     for _ in range(9):  # 7 batches per epoch: stop inside epoch 1
         next(stream)
-    state, rng = stream.state_dict(), torch.get_rng_state()
+    state, rng = stream.state_dict(), get_rng(device)
     assert state == {"epoch": 1, "position": 2}
     expected = [next(stream) for _ in range(10)]  # crosses into epoch 2
+    assert expected[0].device.type == device
 
     torch.manual_seed(999)  # a fresh process: different RNG until restored
-    resumed = Batches(images, batch=4, flip=True, seed=9)
+    resumed = Batches(images, batch=4, device=device, flip=True, seed=9)
     resumed.load_state_dict(state)
-    torch.set_rng_state(rng)
-    for want in expected:
-        torch.testing.assert_close(next(resumed), want, rtol=0, atol=0)
+    set_rng(device, rng)
+    for want in expected:  # bit-identical, flips included
+        assert torch.equal(next(resumed), want)
     assert resumed.state_dict() == stream.state_dict()
 
     with pytest.raises(UserError, match="batches per epoch"):
@@ -574,4 +618,4 @@ def test_batches_accept_tensors_and_read_only_arrays() -> None:
     images.flags.writeable = False
     x = next(Batches(images, batch=8))
     y = next(Batches(torch.from_numpy(numbered_images(8)), batch=8))
-    torch.testing.assert_close(x, y)
+    assert torch.equal(x, y) and sorted(ids(x)) == list(range(8))

@@ -562,13 +562,15 @@ def test_denoiser_improves_psnr_and_matches_autograd() -> None:
 
     images = _emoji_images(256)
     torch.manual_seed(0)
-    # 230 images x 2 epochs at batch 16 is ~30 SGD steps: the engine and torch must stay
+    # 230 training images x 2 epochs at batch 16 is 30 SGD steps: engine and torch stay
     # in lock-step (same init, same batches)
     res = run_denoise(2, "cpu", "unfold", images=images, log=None)
     for a, b in zip(res["engine"]["psnr"], res["torch"]["psnr"], strict=True):
         assert abs(a - b) < 0.05
-    # ~500 steps (engine only) are enough to beat the noisy input clearly
-    res = run_denoise(35, "cpu", "native", images=images, with_torch=False, log=None)
+    assert len(res["torch"]["sec_per_epoch"]) == 2
+    # with the seed's SGD settings the output sits near the mean image for ~150 steps;
+    # ~450 steps (engine only) are enough to beat the noisy input clearly
+    res = run_denoise(30, "cpu", "native", images=images, with_torch=False, log=None)
     best = max(res["engine"]["psnr"])
     assert math.isfinite(best) and best > res["noisy_psnr"] + 1.0, res
 
@@ -578,5 +580,6 @@ def test_denoiser_improves_psnr_and_matches_autograd() -> None:
 def test_time_dcgan_step_smoke(impl: str) -> None:
     from dcgan.engine.bench import time_dcgan_step
 
-    t = time_dcgan_step(impl, batch=2, resolution=32, nc=1, device="cpu", steps=1, warmup=0)
+    t = time_dcgan_step(impl, batch=2, resolution=32, nc=1, device="cpu", steps=2, warmup=1,
+                        width=8)
     assert 0 < t < 60

@@ -2,8 +2,13 @@
 
 `time_dcgan_step` builds G and D at nz=100, ngf=ndf=64 (the canonical widths), float32,
 default contiguous (NCHW) memory format, runs `warmup` steps, then `steps` timed steps
-grouped into windows, and returns the median of the windows' seconds per step.
-Run `python -m dcgan.engine.bench` for a small table.
+grouped into `windows`, and returns the median over windows of seconds per step.
+
+`compare_dcgan_steps` times several implementations round-robin, one step each in
+turn, so that a busy shared machine slows them all alike; `python -m dcgan.engine.bench`
+prints that comparison. clock="cpu" counts this process's CPU time instead of wall
+time (meaningful with one intra-op thread), which is far steadier when other jobs
+compete for the cores.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -21,12 +27,14 @@ IMPLS = ("engine-native", "engine-unfold", "torch")
 
 
 def make_gan(impl: str, resolution: int, nc: int, device: str, seed: int = 0,
-             dtype: torch.dtype = torch.float32) -> ScratchGAN | TorchGAN:
+             dtype: torch.dtype = torch.float32, width: int = 64,
+             nz: int = 100) -> ScratchGAN | TorchGAN:
     """Both implementations start from the same (engine-drawn) weights."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     torch.manual_seed(seed)
-    kw = dict(nz=100, ngf=64, ndf=64, nc=nc, resolution=resolution, device=device, dtype=dtype)
+    kw = dict(nz=nz, ngf=width, ndf=width, nc=nc, resolution=resolution, device=device,
+              dtype=dtype)
     kernel = "unfold" if impl == "engine-unfold" else "native"
     engine_gan = ScratchGAN(**kw, kernel=kernel)
     if impl == "torch":
@@ -34,55 +42,87 @@ def make_gan(impl: str, resolution: int, nc: int, device: str, seed: int = 0,
     return engine_gan
 
 
-def _sync(device: str) -> None:
+def _clock(clock: str, device: str) -> Callable[[], float]:
+    if clock == "cpu":
+        return time.process_time
+    if clock != "wall":
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        def wall() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return wall
+    return time.perf_counter
+
+
+def _inputs(batch: int, resolution: int, nc: int, nz: int, device: str):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(batch, nc, resolution, resolution, generator=g) * 2 - 1).to(device)
+    z = torch.randn(batch, nz, generator=g).to(device)
+    return x, z
 
 
 def time_dcgan_step(impl: str, batch: int = 64, resolution: int = 32, nc: int = 3,
                     device: str = "cpu", steps: int = 10, warmup: int = 2,
-                    windows: int = 5) -> float:
+                    windows: int = 5, width: int = 64, clock: str = "wall") -> float:
     """Median seconds per full GAN step (d_step + g_step) for impl in IMPLS."""
-    gan = make_gan(impl, resolution, nc, device)
-    g = torch.Generator().manual_seed(1)
-    x = (torch.rand(batch, nc, resolution, resolution, generator=g) * 2 - 1).to(device)
-    z = torch.randn(batch, 100, generator=g).to(device)
+    gan = make_gan(impl, resolution, nc, device, width=width)
+    x, z = _inputs(batch, resolution, nc, 100, device)
+    now = _clock(clock, device)
     for _ in range(warmup):
         gan.step(x, z)
-    _sync(device)
     windows = max(1, min(windows, steps))
     per_window = max(1, steps // windows)
     times = []
     for _ in range(windows):
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(per_window):
             gan.step(x, z)
-        _sync(device)
-        times.append((time.perf_counter() - t0) / per_window)
+        times.append((now() - t0) / per_window)
     return statistics.median(times)
 
 
+def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolution: int = 32,
+                        nc: int = 3, device: str = "cpu", steps: int = 10, warmup: int = 1,
+                        clock: str = "wall") -> dict[str, float]:
+    """Median seconds per step of each implementation, timed one step each in turn."""
+    gans = {impl: make_gan(impl, resolution, nc, device) for impl in impls}
+    x, z = _inputs(batch, resolution, nc, 100, device)
+    now = _clock(clock, device)
+    for gan in gans.values():
+        for _ in range(warmup):
+            gan.step(x, z)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for i in range(steps):
+        # rotate the starting implementation so none always runs right after another
+        order = list(impls[i % len(impls):]) + list(impls[:i % len(impls)])
+        for impl in order:
+            t0 = now()
+            gans[impl].step(x, z)
+            times[impl].append(now() - t0)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="DCGAN train step: engine vs torch autograd")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--nc", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the three implementations round-robin, keep each one's best")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"float32, {args.clock} clock, median of {args.steps} interleaved steps", flush=True)
     for r in args.resolutions:
-        best = dict.fromkeys(IMPLS, float("inf"))
-        for _ in range(args.rounds):
-            for impl in IMPLS:
-                t = time_dcgan_step(impl, args.batch, r, args.nc, args.device, args.steps)
-                best[impl] = min(best[impl], t)
-        base = best["torch"]
-        for impl in IMPLS:
-            print(f"{r:4d}x{r:<4d} {impl:14s} {best[impl] * 1e3:9.1f} ms/step "
-                  f"{best[impl] / base:6.2f}x torch", flush=True)
+        res = compare_dcgan_steps(IMPLS, args.batch, r, args.nc, args.device, args.steps,
+                                  clock=args.clock)
+        for impl, t in res.items():
+            print(f"{r:4d}x{r:<4d} {impl:14s} {t * 1e3:9.1f} ms/step "
+                  f"{t / res['torch']:6.2f}x torch", flush=True)
 
 
 if __name__ == "__main__":
