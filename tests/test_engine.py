@@ -269,10 +269,12 @@ def _pair_of_sequentials(kernel: str) -> tuple[engine.Sequential, nn.Sequential]
     ours = engine.Sequential(
         # no conv bias in front of BatchNorm: its true gradient is 0 (BN removes it) and
         # only rounding noise would be compared
-        engine.Conv2d(3, 6, 3, 1, 1, bias=False, kernel=kernel), engine.BatchNorm2d(6), engine.LeakyReLU(0.2),
-        engine.Dropout(0.0), engine.ConvTranspose2d(6, 4, 4, 2, 1, kernel=kernel), engine.Tanh())
-    theirs = nn.Sequential(nn.Conv2d(3, 6, 3, 1, 1, bias=False), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
-                           nn.Dropout(0.0), nn.ConvTranspose2d(6, 4, 4, 2, 1), nn.Tanh())
+        engine.Conv2d(3, 6, 3, 1, 1, bias=False, kernel=kernel), engine.BatchNorm2d(6),
+        engine.LeakyReLU(0.2), engine.Dropout(0.0),
+        engine.ConvTranspose2d(6, 4, 4, 2, 1, kernel=kernel), engine.Tanh())
+    theirs = nn.Sequential(nn.Conv2d(3, 6, 3, 1, 1, bias=False), nn.BatchNorm2d(6),
+                           nn.LeakyReLU(0.2), nn.Dropout(0.0), nn.ConvTranspose2d(6, 4, 4, 2, 1),
+                           nn.Tanh())
     ours.to(dtype=F64)
     theirs.to(F64).load_state_dict(ours.state_dict())
     return ours, theirs

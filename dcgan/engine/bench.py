@@ -84,8 +84,8 @@ def time_dcgan_step(impl: str, batch: int = 64, resolution: int = 32, nc: int = 
 
 def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolution: int = 32,
                         nc: int = 3, device: str = "cpu", steps: int = 10, warmup: int = 1,
-                        clock: str = "wall") -> dict[str, float]:
-    """Median seconds per step of each implementation, timed one step each in turn."""
+                        clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds of every timed step of each implementation, one step each in turn."""
     gans = {impl: make_gan(impl, resolution, nc, device) for impl in impls}
     x, z = _inputs(batch, resolution, nc, 100, device)
     now = _clock(clock, device)
@@ -100,7 +100,7 @@ def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolut
             t0 = now()
             gans[impl].step(x, z)
             times[impl].append(now() - t0)
-    return {impl: statistics.median(t) for impl, t in times.items()}
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,9 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in args.resolutions:
         res = compare_dcgan_steps(IMPLS, args.batch, r, args.nc, args.device, args.steps,
                                   clock=args.clock)
-        for impl, t in res.items():
-            print(f"{r:4d}x{r:<4d} {impl:14s} {t * 1e3:9.1f} ms/step "
-                  f"{t / res['torch']:6.2f}x torch", flush=True)
+        med = {impl: statistics.median(t) for impl, t in res.items()}
+        low = {impl: min(t) for impl, t in res.items()}
+        for impl in res:
+            print(f"{r:4d}x{r:<4d} {impl:14s} median {med[impl] * 1e3:9.1f} ms/step "
+                  f"({med[impl] / med['torch']:5.2f}x torch)   min {low[impl] * 1e3:9.1f} "
+                  f"ms/step ({low[impl] / low['torch']:5.2f}x torch)", flush=True)
 
 
 if __name__ == "__main__":

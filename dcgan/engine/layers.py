@@ -70,27 +70,31 @@ class BatchNorm2d(Module):
             m = x.numel() // c
             if m < 2:
                 raise ValueError("BatchNorm2d in train mode needs more than 1 value per channel")
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # (C,), (C,)
+            # two passes (mean, then the centred second moment): exact enough for
+            # float64 checks and several times faster on CPU than torch.var_mean over
+            # the non-adjacent dims (0, 2, 3)
+            mean = x.sum((0, 2, 3)) / m  # (C,)
+            xc = x - mean.view(1, c, 1, 1)  # (N, C, H, W), kept for backward
+            var = (xc * xc).sum((0, 2, 3)) / m  # (C,) biased, used to normalise
             mom = self.momentum
             self.running_mean.mul_(1 - mom).add_(mean, alpha=mom)
             self.running_var.mul_(1 - mom).add_(var * (m / (m - 1)), alpha=mom)
             self.num_batches_tracked += 1
         else:
-            mean, var = self.running_mean, self.running_var
+            var = self.running_var
+            xc = x - self.running_mean.view(1, c, 1, 1)
         invstd = (var + self.eps).rsqrt()  # (C,)
-        # y = x * scale + shift in one pass, with scale = gamma * invstd
+        # y = beta + xc * (gamma * invstd) in one pass
         scale = self.weight.data * invstd
-        shift = self.bias.data - mean * scale
-        y = torch.addcmul(shift.view(1, c, 1, 1), x, scale.view(1, c, 1, 1))
-        self._push(x, mean, invstd, self.training)
+        y = torch.addcmul(self.bias.data.view(1, c, 1, 1), xc, scale.view(1, c, 1, 1))
+        self._push(xc, invstd, self.training)
         return y
 
     def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        x, mean, invstd, training = self._pop()
+        xc, invstd, training = self._pop()  # centred input (N, C, H, W), 1/std (C,)
         c = self.ch
-        m = x.numel() // c
+        m = xc.numel() // c
         view = (1, c, 1, 1)
-        xc = x - mean.view(view)  # (N, C, H, W), centred input
         sum_g = grad_out.sum((0, 2, 3))  # (C,)
         sum_g_xc = (grad_out * xc).sum((0, 2, 3))  # (C,) = sum g xhat / invstd
         self.weight.accumulate(sum_g_xc * invstd)
@@ -119,8 +123,10 @@ class ReLU(Module):
 
     def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
         (y,) = self._pop()
-        # d relu / dx = 1 where the output is positive, else 0 (0 at x = 0, as torch)
-        return torch.where(y > 0, grad_out, 0.0) if input_grad else None
+        # d relu / dx = 1 where the output is positive, else 0 (0 at x = 0, as torch).
+        # y >= 0, so sign(y) is exactly that 0/1 mask; a multiply by it is several
+        # times faster on CPU than comparison + torch.where.
+        return grad_out * y.sign() if input_grad else None
 
 
 class LeakyReLU(Module):
@@ -129,7 +135,10 @@ class LeakyReLU(Module):
         self.slope = slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.where(x > 0, x, x * self.slope)
+        if 0.0 <= self.slope <= 1.0:
+            y = torch.maximum(x, x * self.slope)  # same values as the where() below, faster
+        else:
+            y = torch.where(x > 0, x, x * self.slope)
         # the branch taken is "x > 0"; for slope >= 0 that equals "y > 0", so the output
         # (which the next layer keeps anyway) is saved; a negative slope flips y's sign
         self._push(y if self.slope >= 0 else x)
@@ -139,7 +148,10 @@ class LeakyReLU(Module):
         (t,) = self._pop()
         if not input_grad:
             return None
-        return torch.where(t > 0, grad_out, grad_out * self.slope)
+        # factor = 1 where t > 0, else slope (slope at exactly 0, as torch):
+        # sign(t) clamped at 0 is the 0/1 mask, then mask * (1 - slope) + slope
+        factor = t.sign().clamp_min_(0).mul_(1 - self.slope).add_(self.slope)
+        return grad_out * factor
 
     def extra_repr(self) -> str:
         return f"slope={self.slope}"
