@@ -16,8 +16,8 @@ TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "
 
 def torchrun(tmp_path, *args, nproc=2):
     env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", "0", "-m", "dcgan", "train", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), "-m", "dcgan", "train", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                           cwd=tmp_path)
 
