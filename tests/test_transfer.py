@@ -120,7 +120,7 @@ def tiny_run(folder, dataset: str):
 @pytest.mark.skipif(not __import__("os").path.isdir(FMNIST), reason="no Fashion-MNIST files")
 def test_run_transfer_end_to_end(tmp_path, fmnist_subset):
     run = tiny_run(tmp_path / "run", str(fmnist_subset))
-    result = run_transfer(str(run), labels=[10], draws=1, progress=False)
+    result = run_transfer(str(run), labels=[10], draws=1, progress=False, sup_min_steps=30)
     assert result["classes"] == 10 and result["n_test"] == 300 and result["channels"] == 1
     assert result["feature_dims"] == {"d": (8 + 16 + 32) * 16, "pixels": 32 * 32}
     (row,) = result["rows"]
