@@ -269,7 +269,29 @@ def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        recalibrate_batchnorm(model, x_all, device)
     return model.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor,
+                          device: str | torch.device = "cpu", batch: int = 256) -> None:
+    """Re-estimate every BatchNorm's running statistics with the final weights.
+
+    The running averages (momentum 0.1) trail weights that moved fast: after 30
+    steps from scratch, eval mode scored 20 % on the very images it had fitted
+    (train mode: 100 %). One pass over `images` (uint8 (n, C, R, R)) with a
+    cumulative average (momentum None) gives the statistics of the final network.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    model.train()
+    for i in range(0, len(images), batch):
+        model(to_unit(images[i:i + batch]).to(device))
+    for m in bns:
+        m.momentum = 0.1
 
 
 @torch.no_grad()
@@ -400,8 +422,9 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
         for draw in range(draws):
             idx = subsets[draw, n]
             rows_in_used = np.searchsorted(used, idx)
-            rng = np.random.default_rng([cfg.train.seed, draw, 1])
             for m, (f_train, f_test) in feats.items():
+                # the same validation split for every kind of feature
+                rng = np.random.default_rng([cfg.train.seed, draw, 1])
                 a, lam = linear_probe(f_train[rows_in_used], y_train[idx], f_test, y_test, k,
                                       rng)
                 acc[m].append(a)
