@@ -226,9 +226,10 @@ class HostBatches:
 
 class DcganStep:
     def __init__(self, cfg: Config, nc: int, device: torch.device, batches):
-        self.gan: GAN = build_gan(cfg, nc, device)
+        precision = resolve_precision(cfg.train.precision, device)
+        self.gan: GAN = build_gan(cfg, nc, device, precision=precision)
         self.cfg, self.batches = cfg, batches
-        self.ctx = autocast(resolve_precision(cfg.train.precision, device), device)
+        self.ctx = autocast(precision, device)
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
     def __call__(self) -> int:

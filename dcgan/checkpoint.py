@@ -34,17 +34,26 @@ BEST = "best.safetensors"  # the snapshot with the lowest FID so far (--eval-eve
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename tmp over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Call write(tmp_path), fsync, then rename tmp over path.
+
+    A failed write (disk full, read-only folder, I/O error) leaves the old file
+    as it was and becomes a UserError naming the file."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise UserError(f"cannot write {path}: {e.strerror or e}; {kept}") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -65,7 +74,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         wrapped = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused (would run code) or a damaged file
-        raise UserError(f"cannot load training state {path}: {str(e).splitlines()[0]}") from e
+        first = (str(e).splitlines() or [type(e).__name__])[0]  # str(e) may be empty
+        raise UserError(f"cannot load training state {path}: {first}") from e
     if not isinstance(wrapped, dict) or wrapped.get("format") != "dcgan-state-1":
         raise UserError(f"{path} is not a dcgan training state")
     payload = wrapped["payload"].numpy().tobytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,10 +45,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from dcgan import checkpoint
     from dcgan.config import Config
+    from dcgan.dist import restarted_by_torchrun
     from dcgan.train import prepare_run_dir, training_loop
 
     overrides = _overrides(args)
     resume = None
+    if not args.resume and args.out and restarted_by_torchrun() and (
+            Path(args.out) / checkpoint.CHECKPOINT).is_file():
+        # torchrun --max-restarts relaunches the same command after a rank died:
+        # continue from the run's last complete checkpoint instead of refusing the folder
+        args.resume = args.out
+        overrides = {k: v for k, v in overrides.items() if k in ("kimg", "device")}
+        print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {args.out}",
+              file=sys.stderr)
     if args.resume:
         run = Path(args.resume)
         if not (run / checkpoint.CHECKPOINT).is_file():
@@ -329,3 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"dcgan: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused (permissions, disk full, missing folder)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"dcgan: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # outside training (which saves and exits 0 on Ctrl-C)
+        print("dcgan: interrupted", file=sys.stderr)
+        return 130

@@ -57,7 +57,7 @@ class TrainConfig:
     checkpoint_ticks: int = 5  # full training state every this many ticks (and at the end)
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16 only on CUDA)
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16: GradScalers; slow on CPUs)
     channels_last: bool = True
     compile: bool = False  # torch.compile each network (dynamic=False)
     sync_bn: bool = False  # SyncBatchNorm across processes under torchrun

@@ -15,6 +15,7 @@ batch statistics are computed over the global batch.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -92,3 +93,19 @@ def weights_in_sync(modules: list[nn.Module], env: DistEnv) -> bool:
 def cleanup(env: DistEnv) -> None:
     if env.enabled and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def restarted_by_torchrun() -> bool:
+    """True in a process that torchrun relaunched after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def injected_fault(nimg: int, env: DistEnv) -> None:
+    """Test hook for the restart path: DCGAN_FAULT_RANK=R DCGAN_FAULT_NIMG=N makes rank R
+    die (exit status 1, no clean-up) once it has passed N images, in the first attempt only."""
+    rank, at = os.environ.get("DCGAN_FAULT_RANK"), os.environ.get("DCGAN_FAULT_NIMG")
+    if rank is None or at is None or restarted_by_torchrun():
+        return
+    if env.rank == int(rank) and nimg >= int(at):
+        print(f"rank {env.rank}: injected fault at {nimg} images", file=sys.stderr, flush=True)
+        os._exit(1)

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,21 @@ def _require(name: str):
                         "(onnx, onnxruntime)") from None
 
 
-def load_exported(path: str | Path, device: str = "cpu"):
+class OrtGenerator:
+    """An onnxruntime session called like the torch generator: tensor in, tensor out
+    (through numpy on the host, as a user without torch would call it)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.providers: list[str] = session.get_providers()
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        z_np = z.detach().cpu().numpy()  # (N, nz, 1, 1) float32
+        return torch.from_numpy(self.session.run(None, {"z": z_np})[0])
+
+
+def load_exported(path: str | Path, device: str = "cpu"
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable z (N, nz, 1, 1) tensor -> images tensor for an exported file.
 
     For tests and the benchmark; users need no dcgan to run an export (docs/use.md).
@@ -145,13 +160,7 @@ def load_exported(path: str | Path, device: str = "cpu"):
         if str(device).startswith("cuda") and (
                 "CUDAExecutionProvider" in ort.get_available_providers()):
             providers.insert(0, "CUDAExecutionProvider")
-        session = ort.InferenceSession(str(path), providers=providers)
-
-        def run(z: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {"z": z.detach().cpu().numpy()})[0])
-
-        run.providers = session.get_providers()  # type: ignore[attr-defined]
-        return run
+        return OrtGenerator(ort.InferenceSession(str(path), providers=providers))
     with _deliberate():
         return torch.jit.load(str(path), map_location=device)
 

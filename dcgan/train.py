@@ -29,7 +29,15 @@ from tqdm import tqdm
 from dcgan import checkpoint, report
 from dcgan.config import Config
 from dcgan.data import Batches, load_images
-from dcgan.dist import DistEnv, all_reduce_mean, cleanup, setup, weights_in_sync, wrap
+from dcgan.dist import (
+    DistEnv,
+    all_reduce_mean,
+    cleanup,
+    injected_fault,
+    setup,
+    weights_in_sync,
+    wrap,
+)
 from dcgan.errors import UserError
 from dcgan.losses import G_LOSSES, d_loss, d_targets
 from dcgan.models import build_discriminator, build_generator
@@ -47,9 +55,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware has it (CPU; CUDA with bf16 support), else fp32."""
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    """auto -> bf16 where the hardware has it (CPU; CUDA with bf16 support), else fp16.
+
+    fp16 also runs on the CPU (same code path as CUDA, GradScalers included), but
+    without fp16 hardware it is slow there: it exists on the CPU for testing."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -120,6 +129,10 @@ class GAN:
     G_train: nn.Module  # G as called in training (compiled, DDP)
     D_train: nn.Module  # D for its own update (compiled, DDP: gradients all-reduced)
     D_frozen: nn.Module  # D for G's update (compiled, no DDP: its gradients are unused)
+    # fp16 only: one loss scaler per optimiser, so that an overflow in D's step
+    # does not skip G's step and each network finds its own scale
+    scaler_g: torch.amp.GradScaler | None = None
+    scaler_d: torch.amp.GradScaler | None = None
 
 
 def build_scratch_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
@@ -148,7 +161,8 @@ def scratch_step(gan: GAN, batches: Batches, cfg: Config) -> dict[str, torch.Ten
     return {k: v.detach() for k, v in out.items()}
 
 
-def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None) -> GAN:
+def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None,
+              precision: str = "fp32") -> GAN:
     env = env or DistEnv()
     if cfg.train.engine == "scratch":
         if env.enabled:
@@ -172,7 +186,24 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
         # dynamo go dynamic there recompiled and crashed in inductor (DESIGN.md)
         G_c = torch.compile(G, dynamic=False)
         D_c = torch.compile(D, dynamic=False)
-    return GAN(G, D, G_ema, opt_g, opt_d, wrap(G_c, env, device), wrap(D_c, env, device), D_c)
+    gan = GAN(G, D, G_ema, opt_g, opt_d, wrap(G_c, env, device), wrap(D_c, env, device), D_c)
+    if precision == "fp16":
+        gan.scaler_g = torch.amp.GradScaler(device.type)
+        gan.scaler_d = torch.amp.GradScaler(device.type)
+    return gan
+
+
+def update(loss: torch.Tensor, opt: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler | None) -> None:
+    """backward + step; with a scaler the loss is scaled, the step skipped on inf/NaN
+    gradients and the scale adapted (all on the device: no host synchronisation)."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 
 def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
@@ -198,16 +229,14 @@ def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
             logits_real = D(with_noise(x_real, noise_std))
             logits_fake = D(with_noise(fake.detach(), noise_std))
         loss_d = d_loss(logits_real, logits_fake, t_real, t_fake)
-        loss_d.backward()
-        gan.opt_d.step()
+        update(loss_d, gan.opt_d, gan.scaler_d)
     # G-step: D's weights need no gradient here; freezing them skips their dW.
     gan.D.requires_grad_(False)
     gan.opt_g.zero_grad(set_to_none=True)
     with ctx:
         logits_g = gan.D_frozen(with_noise(fake, noise_std))
     loss_g = G_LOSSES[t.g_loss](logits_g)
-    loss_g.backward()
-    gan.opt_g.step()
+    update(loss_g, gan.opt_g, gan.scaler_g)
     gan.D.requires_grad_(True)
     return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
             "d_real": torch.sigmoid(logits_real.detach().float()).mean(),
@@ -343,6 +372,9 @@ def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
     gan.G_ema.load_state_dict(resume["G_ema"])
     gan.opt_g.load_state_dict(resume["opt_g"])
     gan.opt_d.load_state_dict(resume["opt_d"])
+    if gan.scaler_g is not None and "scaler_g" in resume:
+        gan.scaler_g.load_state_dict(resume["scaler_g"])
+        gan.scaler_d.load_state_dict(resume["scaler_d"])
     nimg, tick = resume["nimg"], resume["tick"]
     if resume.get("world_size", 1) == env.world_size:
         batches.load_state_dict(resume["batches"])
@@ -375,7 +407,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     nc = data.images.shape[1]
     batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed,
                       rank=env.rank, world_size=env.world_size)
-    gan = build_gan(cfg, nc, device, env)
+    gan = build_gan(cfg, nc, device, env, precision)
     ctx = autocast(precision, device)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
 
@@ -412,6 +444,8 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
              "config": cfg.to_dict()}
         if device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(device)
+        if gan.scaler_g is not None:
+            s["scaler_g"], s["scaler_d"] = gan.scaler_g.state_dict(), gan.scaler_d.state_dict()
         return s
 
     bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
@@ -435,6 +469,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
             nimg += per_step
             bar.update(per_step)
             stopped = agree_to_stop(stop.set, steps, env, device)
+            injected_fault(nimg, env)
             if nimg // tick_nimg == (nimg - per_step) // tick_nimg and nimg < total and (
                     not stopped):
                 continue

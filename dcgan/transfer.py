@@ -89,8 +89,7 @@ def d_features(d: Discriminator, x: torch.Tensor) -> torch.Tensor:
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, R, R) -> float32 in [-1, 1], the range D was trained on."""
-    x = torch.as_tensor(images)
-    return x.float().div_(127.5).sub_(1.0)
+    return torch.as_tensor(images).to(torch.float32) / 127.5 - 1.0  # 0 -> -1, 255 -> 1
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""The command line end to end, through subprocesses, as a user runs it."""
+"""The command line: end to end through subprocesses as a user runs it (`python -m dcgan`),
+and the quick checks in-process through `dcgan.cli.main` (each subprocess pays torch's
+import, tens of seconds on a loaded 2-core machine)."""
 
 import json
 import os
@@ -6,6 +8,16 @@ import subprocess
 import sys
 
 import pytest
+
+from dcgan.cli import main
+
+
+def run_main(capsys, monkeypatch, tmp_path, *args):
+    monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "3", "--ngf", "8", "--ndf", "8",
         "--nz", "16", "--batch", "16", "--tick-kimg", "0.032", "--precision", "fp32"]
@@ -39,11 +51,11 @@ def test_train_resume_sample_end_to_end(tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 4 * 34 + 2)
 
 
-def test_dry_run_prints_resolved_config(tmp_path):
-    r = dcgan("train", "--preset", "dcgan64", "--lr", "1e-4", "--d-steps", "2", "--dry-run",
-              cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    cfg = json.loads(r.stdout)
+def test_dry_run_prints_resolved_config(tmp_path, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, tmp_path, "train", "--preset", "dcgan64",
+                              "--lr", "1e-4", "--d-steps", "2", "--dry-run")
+    assert code == 0, err
+    cfg = json.loads(out)
     assert cfg["train"]["g_lr"] == cfg["train"]["d_lr"] == 1e-4
     assert cfg["train"]["d_steps"] == 2 and cfg["data"]["resolution"] == 64
 
@@ -57,17 +69,22 @@ def test_dry_run_prints_resolved_config(tmp_path):
     (["train", "--dataset", "/nonexistent/folder", "--quiet"], "/nonexistent/folder"),
     (["sample", "/nonexistent"], "no generator snapshot"),
 ])
-def test_user_mistakes_give_one_line(tmp_path, args, message):
-    r = dcgan(*args, cwd=tmp_path)
-    assert r.returncode == 2
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) <= 2  # "run folder: ..." may precede the error
+def test_user_mistakes_give_one_line(tmp_path, capsys, monkeypatch, args, message):
+    code, _, err = run_main(capsys, monkeypatch, tmp_path, *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # "run folder: ..." may precede the error
 
 
-def test_data_info(tmp_path):
-    r = dcgan("data", "info", "fake", "--resolution", "32", "--preview", tmp_path / "p.png",
-              cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "images:" in r.stdout and "3 x 32 x 32" in r.stdout
+def test_a_mistake_through_python_m_dcgan(tmp_path):
+    r = dcgan("train", "--batch", "0", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "dcgan: error: config: batch must be >= 1, got 0\n"
+
+
+def test_data_info(tmp_path, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, tmp_path, "data", "info", "fake",
+                              "--resolution", "32", "--preview", tmp_path / "p.png")
+    assert code == 0, err
+    assert "images:" in out and "3 x 32 x 32" in out
     assert (tmp_path / "p.png").is_file()

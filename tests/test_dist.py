@@ -14,32 +14,40 @@ TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "
         "--quiet"]
 
 
-def torchrun(tmp_path, *args, nproc=2):
-    env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def torchrun(tmp_path, *args, nproc=2, **env_extra):
+    env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           **env_extra}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "-m", "dcgan", "train", *map(str, args)]
+           str(nproc), "--max-restarts", "1", "-m", "dcgan", "train", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                           cwd=tmp_path)
 
 
 @pytest.mark.slow
-def test_two_processes_stay_in_sync_and_resume_with_one(tmp_path):
+def test_two_processes_survive_a_dead_rank_stay_in_sync_and_resume_with_one(tmp_path):
+    """2 CPU processes with gloo. Rank 1 dies after 64 images in the first attempt (test
+    hook); torchrun --max-restarts 1 relaunches both, which resume from the last checkpoint
+    (written every tick), finish, and hold identical weights."""
     out = tmp_path / "run"
-    r = torchrun(tmp_path, *TINY, "--kimg", "0.064", "--out", out)
+    r = torchrun(tmp_path, *TINY, "--kimg", "0.128", "--checkpoint-ticks", "1", "--out", out,
+                 DCGAN_FAULT_RANK="1", DCGAN_FAULT_NIMG="64")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1: injected fault at 64 images" in r.stderr
+    assert "restart 1: resuming" in r.stderr
     assert "2 ranks hold identical G and D weights: True" in r.stderr
     rows = [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines()]
-    # global batch 2 x 8 = 16 images per iteration: 0.032 kimg = 2 iterations per tick
-    assert [row["kimg"] for row in rows] == [0.032, 0.064]
+    # global batch 2 x 8 = 16 images per iteration: 0.032 kimg = 2 iterations per tick;
+    # a tick written after the last checkpoint before the fault is dropped, never repeated
+    assert [row["kimg"] for row in rows] == [0.032, 0.064, 0.096, 0.128]
     for name in ("config.json", "losses.png", "generator.safetensors", "checkpoint.pt"):
         assert (out / name).is_file(), name
     state = load_state(out / "checkpoint.pt")
-    assert state["world_size"] == 2 and state["nimg"] == 64
+    assert state["world_size"] == 2 and state["nimg"] == 128
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["G"])
     # resume the two-process run in one process
     env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "dcgan", "train", "--resume", str(out), "--kimg",
-                        "0.096", "--quiet"], capture_output=True, text=True, env=env,
+                        "0.160", "--quiet"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert load_state(out / "checkpoint.pt")["nimg"] == 96
+    assert load_state(out / "checkpoint.pt")["nimg"] == 160

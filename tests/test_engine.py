@@ -418,6 +418,31 @@ def test_dcgan_state_dicts_round_trip(resolution: int) -> None:
         assert rel(ed(x), td(x)) < TOL
 
 
+@pytest.mark.parametrize("kernel", engine.KERNELS)
+def test_dcgan_networks_gradients_in_train_mode(kernel: str) -> None:
+    """G and D end to end (BatchNorm on batch statistics): dL/dz keeps z's (N, nz)
+    layout, dL/dx for D, and every parameter gradient."""
+    torch.manual_seed(14)
+    eg = engine.build_generator(10, 4, 2, 32, kernel=kernel).to(dtype=F64)
+    ed = engine.build_discriminator(4, 2, 32, kernel=kernel).to(dtype=F64)
+    tg, td = Generator(10, 4, 2, 32).to(F64), Discriminator(4, 2, 32).to(F64)
+    tg.load_state_dict(eg.state_dict())
+    td.load_state_dict(ed.state_dict())
+    z = torch.randn(5, 10, dtype=F64)
+    zt = leaf(z)
+    logits_t = td(tg(zt))
+    g = torch.randn_like(logits_t)
+    logits_t.backward(g)
+    logits = ed(eg(z))
+    gz = eg.backward(ed.backward(g))
+    assert rel(logits, logits_t.detach()) < TOL
+    assert gz.shape == z.shape and rel(gz, zt.grad) < TOL
+    for ours, theirs in ((eg, tg), (ed, td)):
+        ref = dict(theirs.named_parameters())
+        for name, p in ours.named_parameters():
+            assert rel(p.grad, ref[name].grad) < TOL, name
+
+
 def test_dcgan_init_and_dropout_layout() -> None:
     torch.manual_seed(12)
     g = engine.build_generator(100, 64, 3, 64)

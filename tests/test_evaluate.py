@@ -216,7 +216,13 @@ def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
     assert r["classifier_test_accuracy"] >= 0.90
     # Two samples of one distribution: small but (at n=300) clearly biased-positive FID.
     assert 0 < r["fid"] < 5 * 1.0 + 50
-    assert abs(r["kid"][0]) < 0.05 and r["kid"][1] >= 0
+    # KID's scale follows the features' magnitude: judge it against an untrained generator's.
+    # (Not exactly 0: the classifier was fitted on the train split, whose features it
+    # separates more sharply than the test split's.)
+    far = evaluate(str(_snapshot(tmp_path / "g")), "fashion-mnist:train", ["kid"], "domain",
+                   n=300, progress=False)
+    assert far["kid"][0] > 0 and abs(r["kid"][0]) < 0.1 * far["kid"][0]
+    assert r["kid"][1] >= 0
     assert 0.5 < r["precision"] <= 1 and 0.5 < r["recall"] <= 1
     assert "is" not in r and 1 < r["classifier_score"][0] <= 10
     assert r["classifier_score_features"] == domain.name

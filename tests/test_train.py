@@ -53,7 +53,8 @@ def test_smoke_run_writes_every_artefact(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{}, {"d_steps": 2, "label_flip": 0.1, "flip": True,
-                                          "d_opt": "sgd", "g_dropout": 0.2}])
+                                          "d_opt": "sgd", "g_dropout": 0.2},
+                                      {"precision": "fp16"}])
 def test_resume_is_exact(tmp_path, options):
     # 2N steps straight == N steps, resume, N steps: identical weights and optimiser state
     straight = tmp_path / "straight"
@@ -66,6 +67,9 @@ def test_resume_is_exact(tmp_path, options):
     a = checkpoint.load_state(straight / checkpoint.CHECKPOINT)
     b = checkpoint.load_state(split / checkpoint.CHECKPOINT)
     assert a["nimg"] == b["nimg"] == 128
+    if options.get("precision") == "fp16":  # the loss scalers travel with the state
+        assert a["scaler_g"] == b["scaler_g"] and a["scaler_d"] == b["scaler_d"]
+        assert a["scaler_d"]["scale"] > 0 and a["scaler_g"]["scale"] > 0
     for net in ("G", "D", "G_ema"):
         for k in a[net]:
             assert torch.equal(a[net][k], b[net][k]), (net, k)

@@ -38,11 +38,13 @@ class EngineGenerator(Module):
         self.main = Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._push(z.shape)
         return self.main.forward(z.reshape(z.shape[0], self.nz, 1, 1))
 
     def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        # the gradient w.r.t. z comes back as (N, nz, 1, 1) whichever shape z had
-        return self.main.backward(grad_out, input_grad)
+        (z_shape,) = self._pop()
+        g = self.main.backward(grad_out, input_grad)  # (N, nz, 1, 1)
+        return None if g is None else g.reshape(z_shape)  # back to z's own layout
 
 
 class EngineDiscriminator(Module):

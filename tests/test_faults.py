@@ -1,0 +1,175 @@
+"""Faults a long run meets: SIGKILL at any moment, SIGTERM, a dying rank under torchrun, a
+failed disk write, and random command lines and random bytes from a user."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dcgan import checkpoint
+from dcgan.checkpoint import load_state
+from dcgan.cli import main
+from dcgan.config import from_preset
+from dcgan.errors import UserError
+from dcgan.train import training_loop
+
+TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "8", "--ndf", "8",
+        "--nz", "16", "--batch", "16", "--tick-kimg", "0.016", "--checkpoint-ticks", "1",
+        "--precision", "fp32", "--quiet"]
+
+
+def env_for(tmp_path, **extra):
+    return {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+            **extra}
+
+
+def start(tmp_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "dcgan", "train", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_for(tmp_path), cwd=tmp_path)
+
+
+def wait_for(path, proc, timeout=120.0):
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def stats_kimg(run):
+    return [json.loads(x)["kimg"] for x in (run / "stats.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_sigterm_and_sigint(tmp_path):
+    """Kill a real training process with SIGKILL at random points (a checkpoint is written
+    every tick, so kills land inside writes too); each resume must load the last complete
+    checkpoint and progress never goes backwards. Then SIGTERM and SIGINT: the state is
+    saved at the stop and the process exits 0 with the --resume command to run."""
+    run, ckpt = tmp_path / "run", tmp_path / "run" / checkpoint.CHECKPOINT
+    rng = random.Random(7)
+    seen = 0
+    for attempt, sig in enumerate((signal.SIGKILL, signal.SIGKILL, signal.SIGTERM,
+                                   signal.SIGINT)):
+        args = ["--resume", run] if attempt else [*TINY, "--kimg", "1000", "--out", run]
+        proc = start(tmp_path, *args)
+        if attempt:  # the resumed process is past its start-up once it writes a new tick
+            n_lines = len(stats_kimg(run))
+            t0 = time.monotonic()
+            while len(stats_kimg(run)) <= n_lines:
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() - t0 < 180, "no progress after resume"
+                time.sleep(0.05)
+        else:
+            wait_for(ckpt, proc)
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=180)
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            assert proc.returncode == 0, err[-2000:]
+            assert "stopped early; continue with --resume" in err
+        state = load_state(ckpt)  # whole and verified, never half-written
+        assert state["nimg"] >= seen and state["nimg"] % 16 == 0
+        seen = state["nimg"]
+        if sig != signal.SIGKILL:  # saved at the stop: stats end exactly there
+            assert stats_kimg(run)[-1] * 1000 <= seen
+    kimg = stats_kimg(run)
+    assert kimg == sorted(set(kimg))  # lines from after a checkpoint were dropped, no repeats
+    assert not list(run.glob(".*.tmp"))  # temporaries of killed writes were swept
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = from_preset("fmnist32", {"dataset": "fake", "channels": "1", "ngf": "8", "ndf": "8",
+                                   "nz": "16", "batch": "16", "tick_kimg": "0.016",
+                                   "checkpoint_ticks": "1", "kimg": "0.032",
+                                   "precision": "fp32", "cache_dir": str(tmp_path / "cache")})
+    run = tmp_path / "run"
+    run.mkdir()
+    training_loop(cfg, run, progress=False)
+    before = (run / checkpoint.CHECKPOINT).read_bytes()
+    resume = load_state(run / checkpoint.CHECKPOINT)
+    cfg.train.kimg = 0.064
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)  # only the atomic writes fsync
+    with pytest.raises(UserError, match="No space left on device; the previous file is unch"):
+        training_loop(cfg, run, resume=resume, progress=False)
+    assert (run / checkpoint.CHECKPOINT).read_bytes() == before
+    assert not list(run.glob(".*.tmp"))  # the temporary file was removed
+    assert load_state(run / checkpoint.CHECKPOINT)["nimg"] == 32
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["train", *TINY, "--kimg", "0.016", "--out", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dcgan: error:") and err.count("\n") == 1
+
+
+# -- random input: work or one line, never a traceback ---------------------------------------
+
+WORDS = ["train", "sample", "eval", "export", "transfer", "data", "info", "bench", "--preset",
+         "fmnist32", "dcgan64", "--batch", "--lr", "--kimg", "--resolution", "--nz", "--seed",
+         "--dataset", "--d-steps", "--label-smoothing", "--precision", "--on-nan", "--resume",
+         "--out", "--n", "--format", "--metrics", "--features", "--truncation", "0", "-1",
+         "1e-4", "nan", "inf", "abc", "64", "48", "/nonexistent", "bf16", "fp8", ""]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(WORDS) | st.text(max_size=8), max_size=6))
+def test_random_command_lines_never_traceback(tmp_path, capsys, argv):
+    # no command may start real work: training only as a dry run, no benchmarks
+    if "train" in argv:
+        argv = [*argv, "--dry-run"]
+    if "bench" in argv:
+        argv = [a for a in argv if a != "bench"]
+    os.environ["DCGAN_CACHE"] = str(tmp_path / "cache")
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse: usage line + one error line, status 2 (0 for --help)
+        code = e.code
+    err = capsys.readouterr().err
+    assert code in (0, 2), (argv, err)
+    assert "Traceback" not in err, (argv, err)
+    if code == 2 and err.startswith("dcgan: error:"):
+        assert err.count("\n") == 1, (argv, err)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+       st.sampled_from([".png", ".jpg", ".gif", ".webp", ".bmp"]))
+def test_random_bytes_as_images_never_traceback(tmp_path_factory, capsys, blobs, ext):
+    root = tmp_path_factory.mktemp("junk")
+    for i, blob in enumerate(blobs):
+        (root / f"{i}{ext}").write_bytes(blob)
+    os.environ["DCGAN_CACHE"] = str(root / "cache")
+    code = main(["data", "info", str(root), "--resolution", "32"])
+    err = capsys.readouterr().err  # the progress bar's \r-lines, then the error line
+    assert code == 2 and "Traceback" not in err, err
+    assert err.endswith("\n") and err.count("dcgan: error:") == 1, err
+    assert err.rstrip("\n").split("\n")[-1].split("\r")[-1].startswith("dcgan: error:"), err
+    # random bytes as a checkpoint or a snapshot are refused the same way
+    run = root / "run"
+    run.mkdir()
+    (run / checkpoint.CHECKPOINT).write_bytes(blobs[0])
+    (run / checkpoint.SNAPSHOT).write_bytes(blobs[-1])
+    for argv in (["train", "--resume", str(run)], ["sample", str(run)]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("dcgan: error:") and err.count("\n") == 1, err
