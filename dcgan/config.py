@@ -100,9 +100,10 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 # The presets name only what differs from the defaults above.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The CPU demo: Fashion-MNIST at 32x32, a few minutes on two cores.
+    # The CPU demo: Fashion-MNIST at 32x32 in under 10 minutes on two slow cores
+    # (~330 img/s measured here; ngf = ndf = 32 is a quarter of the 64-wide FLOPs).
     "fmnist32": {"dataset": "fashion-mnist", "resolution": 32, "channels": 1, "batch": 64,
-                 "kimg": 200.0, "ngf": 64, "ndf": 64},
+                 "kimg": 150.0, "tick_kimg": 5.0, "ngf": 32, "ndf": 32},
     # The paper / canonical PyTorch example: 64x64, batch 128, nz 100, ngf = ndf = 64.
     "dcgan64": {"dataset": "emoji", "resolution": 64, "channels": 3, "batch": 128,
                 "kimg": 1000.0, "tick_kimg": 10.0},
