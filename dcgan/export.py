@@ -150,7 +150,7 @@ def load_exported(path: str | Path, device: str = "cpu"
                   ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable z (N, nz, 1, 1) tensor -> images tensor for an exported file.
 
-    For tests and the benchmark; users need no dcgan to run an export (docs/use.md).
+    For tests and the benchmark; users need no dcgan to run an export (README.md, "Export").
     """
     path = Path(path)
     if path.suffix == ".onnx":

@@ -1,6 +1,6 @@
 """A small neural-network engine with hand-written backward passes (no autograd).
 
-See docs/engine.md. Modules keep what backward needs on a per-module stack: each
+See the README section "The engine". Modules keep what backward needs on a per-module stack: each
 backward pops the entry of the most recent forward (dcgan.engine.module explains the
 rule); `engine.no_grad()` runs forwards that will not be back-propagated.
 """
