@@ -18,7 +18,7 @@ def torchrun(tmp_path, *args, nproc=2, **env_extra):
     env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            **env_extra}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "--max-restarts", "1", "-m", "dcgan", "train", *map(str, args)]
+           str(nproc), "--max-restarts", "2", "-m", "dcgan", "train", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                           cwd=tmp_path)
 
@@ -26,14 +26,16 @@ def torchrun(tmp_path, *args, nproc=2, **env_extra):
 @pytest.mark.slow
 def test_two_processes_survive_a_dead_rank_stay_in_sync_and_resume_with_one(tmp_path):
     """2 CPU processes with gloo. Rank 1 dies after 64 images in the first attempt (test
-    hook); torchrun --max-restarts 1 relaunches both, which resume from the last checkpoint
+    hook); torchrun --max-restarts relaunches both, which resume from the last checkpoint
     (written every tick), finish, and hold identical weights."""
     out = tmp_path / "run"
     r = torchrun(tmp_path, *TINY, "--kimg", "0.128", "--checkpoint-ticks", "1", "--out", out,
                  DCGAN_FAULT_RANK="1", DCGAN_FAULT_NIMG="64")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1: injected fault at 64 images" in r.stderr
-    assert "restart 1: resuming" in r.stderr
+    # one restart is needed; a second one is allowed because gloo's connection set-up
+    # after a restart was seen to be refused once on a loaded 2-core machine
+    assert "restart 1: resuming" in r.stderr or "restart 2: resuming" in r.stderr
     assert "2 ranks hold identical G and D weights: True" in r.stderr
     rows = [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines()]
     # global batch 2 x 8 = 16 images per iteration: 0.032 kimg = 2 iterations per tick;
