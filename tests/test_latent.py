@@ -19,15 +19,7 @@ from dcgan.latent import (
 )
 from dcgan.models import Generator, init_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: a second intra-op thread only adds wake-up costs, which
-    on a busy shared machine made each small op several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ from dcgan.transfer import (
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: a second intra-op thread only adds wake-up costs, which
-    on a busy shared machine made each small op several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
