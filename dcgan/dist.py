@@ -49,8 +49,31 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _attempt_store(world)
+        if store is None:
+            tdist.init_process_group(backend)
+        else:
+            tdist.init_process_group(backend, store=store, rank=env.rank, world_size=world)
     return env, device
+
+
+def _attempt_store(world_size: int) -> tdist.Store | None:
+    """torchrun's own key-value store, with keys scoped to this restart attempt.
+
+    torchrun (dynamic rendezvous) shares one TCPStore across all restarts of the
+    workers, and `init_process_group("gloo")` would publish each rank's address
+    under the same keys in every attempt. After a restart a rank can then read
+    a dead peer's address from the previous attempt before the peer overwrites
+    it, and gloo fails with "Connection refused". A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) keeps every attempt's keys apart. Returns None
+    when torchrun does not share its store (plain env:// rendezvous is fine)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    agent = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           world_size, is_master=False)
+    return tdist.PrefixStore(f"dcgan/attempt_{attempt}", agent)
 
 
 def wrap(module: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:

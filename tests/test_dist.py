@@ -46,8 +46,6 @@ def test_two_processes_stay_in_sync_and_resume_with_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="flaky here: after torchrun relaunches the ranks, gloo's connection "
-                   "set-up was refused in 3 of 5 runs on the 2-core machine", strict=False)
 def test_a_dead_rank_is_restarted_and_resumes(tmp_path):
     """Rank 1 dies after 64 images in the first attempt (test hook); torchrun
     --max-restarts relaunches both ranks, which resume from the last checkpoint."""
@@ -55,11 +53,11 @@ def test_a_dead_rank_is_restarted_and_resumes(tmp_path):
     env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "DCGAN_FAULT_RANK": "1", "DCGAN_FAULT_NIMG": "64"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "--max-restarts", "2", "-m", "dcgan", "train", *TINY, "--kimg", "0.128",
+           "2", "--max-restarts", "1", "-m", "dcgan", "train", *TINY, "--kimg", "0.128",
            "--checkpoint-ticks", "1", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1: injected fault at 64 images" in r.stderr
-    assert "restart 1: resuming" in r.stderr or "restart 2: resuming" in r.stderr
+    assert "restart 1: resuming" in r.stderr
     rows = [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines()]
     assert [row["kimg"] for row in rows] == [0.032, 0.064, 0.096, 0.128]
