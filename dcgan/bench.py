@@ -1,6 +1,6 @@
 """`dcgan bench`: train-step throughput of the reference and of each optimisation.
 
-All rows run in one process, one after another, on the same device:
+All rows run in one process on the same device, timed in turns:
 
 - `reference`: a step written to match the canonical PyTorch DCGAN example
   (eager, fp32, Sigmoid + BCELoss, contiguous tensors, default optimiser
@@ -86,7 +86,7 @@ class PeakMemory:
         self.peak_mb = 0.0
 
     @staticmethod
-    def _rss_mb() -> float:
+    def rss_mb() -> float:
         try:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -104,7 +104,7 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
             time.sleep(0.005)
 
     def __exit__(self, *exc) -> None:
@@ -269,27 +269,59 @@ class Row:
         return dict(self.__dict__)
 
 
-def time_step(step, warmup: int, windows: int, steps: int, device: torch.device
-              ) -> tuple[float, float]:
-    """(median images/s over `windows` windows of `steps` steps, warm-up seconds)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+def warm_up(step, warmup: int, device: torch.device) -> float:
+    """Run `warmup` untimed steps (compilation, allocator and kernel caches); seconds."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    sync()
-    warm = time.perf_counter() - t0
-    rates = []
-    for _ in range(windows):
-        sync()
-        t0 = time.perf_counter()
-        n = sum(step() for _ in range(steps))
-        sync()
-        rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), warm
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps: dict[str, Any], windows: int, steps_per_window: int,
+                     device: torch.device, after_window=lambda: None) -> dict[str, float]:
+    """Median images/s of each step over `windows` timed windows, taken in turns.
+
+    Window w times every row once, starting at a different row each time. The
+    host here takes the CPU away for up to a second and has slow phases lasting
+    minutes; rows timed one after another would each see a different phase,
+    while rows timed in turns share them, so their ratios hold.
+    """
+    names = list(steps)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for w in range(windows):
+        for name in names[w % len(names):] + names[:w % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            n = sum(steps[name]() for _ in range(steps_per_window))
+            sync(device)
+            rates[name].append(n / (time.perf_counter() - t0))
+        after_window()
+    return {n: statistics.median(r) for n, r in rates.items()}
+
+
+def build_step(name: str, kind: str, cfg: Config, images: np.ndarray, device: torch.device,
+               image_files) -> Any:
+    """One row's step: the reference with its DataLoader, or dcgan's step."""
+    b, nc = cfg.train.batch, 3
+    if name == "reference":
+        if kind == "real":
+            ds = FileImages(image_files(), cfg.data.resolution, nc)
+            loader = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True,
+                                                 num_workers=2, drop_last=True,
+                                                 persistent_workers=True)
+        else:  # synthetic: tensors already decoded, as the example's fake data
+            x = torch.from_numpy(images).float() / 127.5 - 1
+            loader = torch.utils.data.DataLoader(x, batch_size=b, shuffle=True, drop_last=True)
+        return ReferenceStep(cfg, nc, device, loader)
+    if name == "default":
+        return DcganStep(cfg, nc, device, ResidentBatches(torch.from_numpy(images).to(device), b))
+    return DcganStep(cfg, nc, device, HostBatches(images, b, device))
 
 
 def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
@@ -297,6 +329,13 @@ def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
                   "synthetic", "real"), dataset: str = "emoji", names: tuple[str, ...] = (),
               warmup: int = 3, windows: int = 5, steps: int = 3,
               peak_tflops: float | None = None, progress: bool = True) -> list[Row]:
+    """Rows for every (resolution, batch, data) group; within a group the rows are
+    built and warmed up one by one, then timed in turns (`time_interleaved`).
+
+    peak_mem_mb: on CUDA the allocator's peak during the row's build and warm-up;
+    on the CPU the process's resident set before the group was built plus what
+    it grew while this row was built and warmed up.
+    """
     from dcgan.data import load_images
     from dcgan.train import resolve_device
 
@@ -308,56 +347,60 @@ def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
         if unknown:
             raise UserError(f"unknown bench rows {sorted(unknown)}; choose from {plan}")
         plan = [n for n in plan if n in names]
-    jobs = [(r, b, d, n) for r in resolutions for b in batches for d in data_kinds for n in plan]
+    groups = [(r, b, d) for r in resolutions for b in batches for d in data_kinds]
     rows: list[Row] = []
-    bar = tqdm(jobs, desc="bench", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(groups) * len(plan) * (1 + windows), desc="bench", unit="window",
+               disable=not progress, dynamic_ncols=True)
     with tempfile.TemporaryDirectory(prefix="dcgan-bench-") as tmp:
         files: dict[int, list[Path]] = {}
         real: dict[int, np.ndarray] = {}
-        for r, b, kind, name in bar:
-            bar.set_postfix_str(f"{name} {kind} b{b} {r}px")
-            overrides = {"resolution": r, "batch": b, "dataset": dataset, "channels": 3}
-            if name == "reference":
-                overrides.update(BASE)
-            elif name != "default":
-                overrides.update({**BASE, **VARIANTS[name]})
-            cfg = from_preset("dcgan64", overrides)
-            nc = 3
+        for r, b, kind in groups:
             if kind == "real" and r not in real:
                 real[r] = load_images(dataset, r, 3, progress=False).images
             images = real[r] if kind == "real" else np.random.default_rng(0).integers(
-                0, 256, (max(4 * b, 512), nc, r, r), dtype=np.uint8)
-            torch.manual_seed(0)
-            if name == "reference":
-                if kind == "real":
-                    if r not in files:
-                        folder = Path(tmp) / f"{r}px"
-                        folder.mkdir()
-                        files[r] = write_image_files(images[:2048], folder)
-                    ds = FileImages(files[r], r, nc)
-                    loader = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True,
-                                                         num_workers=2, drop_last=True,
-                                                         persistent_workers=True)
-                else:  # synthetic: tensors already decoded, as the example's fake data
-                    x = torch.from_numpy(images).float() / 127.5 - 1
-                    loader = torch.utils.data.DataLoader(x, batch_size=b, shuffle=True,
-                                                         drop_last=True)
-                step = ReferenceStep(cfg, nc, device, loader)
-            elif name == "default":
-                step = DcganStep(cfg, nc, device, ResidentBatches(
-                    torch.from_numpy(images).to(device), b))
-            else:
-                step = DcganStep(cfg, nc, device, HostBatches(images, b, device))
-            with PeakMemory(device) as mem:
-                rate, warm = time_step(step, warmup, windows, steps, device)
-            g = Generator(cfg.model.nz, cfg.model.ngf, nc, r)
-            d = Discriminator(cfg.model.ndf, nc, r)
+                0, 256, (max(4 * b, 512), 3, r, r), dtype=np.uint8)
+
+            def image_files(r=r, images=images) -> list[Path]:
+                if r not in files:  # the reference reads PNG files, as the example does
+                    folder = Path(tmp) / f"{r}px"
+                    folder.mkdir()
+                    files[r] = write_image_files(images[:2048], folder)
+                return files[r]
+
+            built: dict[str, Any] = {}
+            warm: dict[str, float] = {}
+            mem: dict[str, float] = {}
+            base = PeakMemory.rss_mb()
+            for name in plan:
+                bar.set_postfix_str(f"warm-up {name} {kind} b{b} {r}px")
+                overrides = {"resolution": r, "batch": b, "dataset": dataset, "channels": 3}
+                if name == "reference":
+                    overrides.update(BASE)
+                elif name != "default":
+                    overrides.update({**BASE, **VARIANTS[name]})
+                cfg = from_preset("dcgan64", overrides)
+                torch.manual_seed(0)
+                before = PeakMemory.rss_mb()
+                with PeakMemory(device) as pm:
+                    built[name] = build_step(name, kind, cfg, images, device, image_files)
+                    warm[name] = warm_up(built[name], warmup, device)
+                mem[name] = pm.peak_mb if device.type == "cuda" else base + pm.peak_mb - before
+                bar.update(1)
+            bar.set_postfix_str(f"timing {kind} b{b} {r}px")
+            rates = time_interleaved(built, windows, steps, device,
+                                     after_window=lambda: bar.update(len(plan)))
+            g = Generator(cfg.model.nz, cfg.model.ngf, 3, r)
+            d = Discriminator(cfg.model.ndf, 3, r)
             flops = train_flops_per_image(g, d, cfg.model.nz)
-            tflops = rate * flops / 1e12
-            rows.append(Row(name, device_label(device), b, r, kind, round(rate, 1),
-                            round(mem.peak_mb, 1), round(warm, 2), flops, round(tflops, 4),
-                            round(tflops / peak_tflops, 4) if peak_tflops else None))
-            del step
+            for name in plan:
+                rate = rates[name]
+                tflops = rate * flops / 1e12
+                rows.append(Row(name, device_label(device), b, r, kind, round(rate, 1),
+                                round(mem[name], 1), round(warm[name], 2), flops,
+                                round(tflops, 4),
+                                round(tflops / peak_tflops, 4) if peak_tflops else None))
+            del built
+    bar.close()
     return rows
 
 
@@ -407,3 +450,43 @@ def write_json(rows: list[Row], path: Path, command: str) -> None:
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "torch": torch.__version__, "python": platform.python_version()}
     path.write_text(json.dumps([{**r.as_dict(), **meta} for r in rows], indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- profiler
+
+
+def profile_default(device_name: str = "auto", batch: int = 64, resolution: int = 64,
+                    data: str = "synthetic", dataset: str = "emoji", warmup: int = 3,
+                    steps: int = 3, trace: Path | None = None, top: int = 15) -> str:
+    """torch.profiler over `steps` default train steps after warm-up.
+
+    Returns the operator table sorted by self time on the device that does the
+    work (CUDA kernels on a GPU, else CPU), and writes a Chrome trace (open it in
+    chrome://tracing or https://ui.perfetto.dev) when `trace` is given.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from dcgan.data import load_images
+    from dcgan.train import resolve_device
+
+    device = resolve_device(device_name)
+    cfg = from_preset("dcgan64", {"resolution": resolution, "batch": batch,
+                                  "dataset": dataset, "channels": 3})
+    images = (load_images(dataset, resolution, 3, progress=False).images if data == "real"
+              else np.random.default_rng(0).integers(0, 256, (max(4 * batch, 512), 3,
+                                                              resolution, resolution),
+                                                     dtype=np.uint8))
+    torch.manual_seed(0)
+    step = build_step("default", data, cfg, images, device, image_files=None)
+    warm_up(step, warmup, device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)

@@ -149,6 +149,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_engine(args)
     if args.generator:
         return bench_generator(args)
+    if args.profile:
+        data = _csv(args.data)[0]
+        print(bench.profile_default(args.device, _csv(args.batch, int)[0],
+                                    _csv(args.resolution, int)[0], data, args.dataset,
+                                    args.warmup, args.steps, Path(args.profile)))
+        print(f"wrote {args.profile}")
+        return 0
     rows = bench.run_bench(args.device, _csv(args.batch, int), _csv(args.resolution, int),
                            _csv(args.data), args.dataset, _csv(args.rows), args.warmup,
                            args.windows, args.steps, args.peak_tflops, not args.quiet)
@@ -283,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: dcgan.engine (native, unfold) vs torch autograd step")
     b.add_argument("--generator", action="store_true",
                    help="instead: generator-only images/s (eager, compiled, exported)")
+    b.add_argument("--profile", metavar="TRACE.json",
+                   help="instead: torch.profiler over --steps default steps (first --batch, "
+                   "--resolution and --data); prints the top operators, writes a Chrome trace")
     b.add_argument("--run", help="with --generator: a run folder (default: canonical 64px G)")
     b.add_argument("--gen-batch", default="1,256", help="with --generator: batch sizes")
     b.add_argument("--json", help="write rows as JSON")

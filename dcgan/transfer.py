@@ -238,7 +238,7 @@ class SupervisedD(nn.Module):
 def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarray,
                      n_classes: int, seed: int, device: str | torch.device = "cpu",
                      epochs: int = 3, min_steps: int = 150, batch: int = 64,
-                     lr: float = 1e-3) -> SupervisedD:
+                     lr: float = 1e-3, progress: bool = False) -> SupervisedD:
     """Train a copy of d_init (+ a head) with cross-entropy and Adam on (images, labels).
 
     Runs max(min_steps, epochs * ceil(n / batch)) steps: tiny label sets need
@@ -258,7 +258,8 @@ def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarr
         steps = max(min_steps, epochs * math.ceil(n / b))
         order = torch.randperm(n)
         pos = 0
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc=f"supervised D: train on {n}", unit="step",
+                      disable=not progress, dynamic_ncols=True, leave=False):
             if pos + b > n:  # a fresh permutation each pass; the short tail is dropped
                 order, pos = torch.randperm(n), 0
             idx = order[pos:pos + b]
@@ -430,7 +431,8 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
                 chosen_l2[m].append(lam)
             model = train_supervised(d_untrained, train.images[idx], y_train[idx], k,
                                      seed=cfg.train.seed * 1000 + draw, device=device,
-                                     epochs=sup_epochs, min_steps=sup_min_steps)
+                                     epochs=sup_epochs, min_steps=sup_min_steps,
+                                     progress=progress)
             pred = classify(model, test.images, device, progress=progress)
             acc["supervised"].append(float((pred == y_test).mean()))
         rows.append({"labels": n, "n_train": len(subsets[0, n]),
