@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def bench_engine(args: argparse.Namespace) -> int:
     """dcgan.engine (both kernels) vs torch autograd on the same DCGAN step, same run."""
-    from dcgan.engine.bench import IMPLS, time_dcgan_step
+    from dcgan.engine.bench import IMPLS, compare_dcgan_steps
     from dcgan.train import resolve_device
 
     device = str(resolve_device(args.device))
@@ -212,9 +213,9 @@ def bench_engine(args: argparse.Namespace) -> int:
     results = []
     for r in _csv(args.resolution, int):
         for b in _csv(args.batch, int):
-            secs = {impl: time_dcgan_step(impl, b, r, 3, device, steps=args.windows * args.steps,
-                                          warmup=args.warmup, windows=args.windows)
-                    for impl in IMPLS}
+            times = compare_dcgan_steps(IMPLS, b, r, 3, device, args.windows * args.steps,
+                                        args.warmup)
+            secs = {impl: statistics.median(t) for impl, t in times.items()}
             for impl, sec in secs.items():
                 print(f"{impl:<14} {b:>5} {r:>4} {sec:>8.4f} {b / sec:>8.1f} "
                       f"{sec / secs['torch']:>8.2f}")

@@ -596,10 +596,9 @@ def test_denoiser_improves_psnr_and_matches_autograd() -> None:
 
 
 # ---------------------------------------------------------------- benchmark helper
-@pytest.mark.parametrize("impl", ["engine-native", "engine-unfold", "torch"])
-def test_time_dcgan_step_smoke(impl: str) -> None:
-    from dcgan.engine.bench import time_dcgan_step
+def test_compare_dcgan_steps_times_each_impl_in_turn() -> None:
+    from dcgan.engine.bench import IMPLS, compare_dcgan_steps
 
-    t = time_dcgan_step(impl, batch=2, resolution=32, nc=1, device="cpu", steps=2, warmup=1,
-                        width=8)
-    assert 0 < t < 60
+    times = compare_dcgan_steps(IMPLS, batch=2, resolution=32, nc=1, steps=3, warmup=1, width=8)
+    assert set(times) == set(IMPLS)
+    assert all(len(t) == 3 and all(0 < x < 60 for x in t) for t in times.values())

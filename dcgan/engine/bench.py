@@ -1,13 +1,12 @@
 """Timing of one DCGAN training step (D update + G update): engine vs torch autograd.
 
-`time_dcgan_step` builds G and D at nz=100, ngf=ndf=64 (the canonical widths), float32,
-default contiguous (NCHW) memory format, runs `warmup` steps, then `steps` timed steps
-grouped into `windows`, and returns the median over windows of seconds per step.
-
-`compare_dcgan_steps` times several implementations round-robin, one step each in
-turn, so that a busy shared machine slows them all alike; `python -m dcgan.engine.bench`
-prints that comparison. clock="cpu" counts this process's CPU time instead of wall
-time (meaningful with one intra-op thread), which is far steadier when other jobs
+`compare_dcgan_steps` builds G and D for each implementation at nz=100,
+ngf=ndf=64 (the canonical widths, or `width`), float32, default contiguous (NCHW)
+memory format, from the same weights; it warms each up, then times them
+round-robin, one step each in turn, so that a busy shared machine slows them all
+alike. `dcgan bench --engine` and `python -m dcgan.engine.bench` print that
+comparison. clock="cpu" counts this process's CPU time instead of wall time
+(meaningful with one intra-op thread), which is far steadier when other jobs
 compete for the cores.
 """
 
@@ -62,31 +61,11 @@ def _inputs(batch: int, resolution: int, nc: int, nz: int, device: str):
     return x, z
 
 
-def time_dcgan_step(impl: str, batch: int = 64, resolution: int = 32, nc: int = 3,
-                    device: str = "cpu", steps: int = 10, warmup: int = 2,
-                    windows: int = 5, width: int = 64, clock: str = "wall") -> float:
-    """Median seconds per full GAN step (d_step + g_step) for impl in IMPLS."""
-    gan = make_gan(impl, resolution, nc, device, width=width)
-    x, z = _inputs(batch, resolution, nc, 100, device)
-    now = _clock(clock, device)
-    for _ in range(warmup):
-        gan.step(x, z)
-    windows = max(1, min(windows, steps))
-    per_window = max(1, steps // windows)
-    times = []
-    for _ in range(windows):
-        t0 = now()
-        for _ in range(per_window):
-            gan.step(x, z)
-        times.append((now() - t0) / per_window)
-    return statistics.median(times)
-
-
 def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolution: int = 32,
                         nc: int = 3, device: str = "cpu", steps: int = 10, warmup: int = 1,
-                        clock: str = "wall") -> dict[str, list[float]]:
+                        clock: str = "wall", width: int = 64) -> dict[str, list[float]]:
     """Seconds of every timed step of each implementation, one step each in turn."""
-    gans = {impl: make_gan(impl, resolution, nc, device) for impl in impls}
+    gans = {impl: make_gan(impl, resolution, nc, device, width=width) for impl in impls}
     x, z = _inputs(batch, resolution, nc, 100, device)
     now = _clock(clock, device)
     for gan in gans.values():
