@@ -215,7 +215,9 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     sides = [parse_side(a), parse_side(b)]
     gens = [s for s in sides if s.kind == "generator"]
 
-    # Resolution and channels: a generator's own; else 32 for the 28x28 IDX sources, 64 otherwise.
+    # Resolution and channels: a generator's own; else 32 for the 28x28 IDX sources, 64
+    # otherwise. Pure noise ("fake") takes the other side's size and channels.
+    shaped = [s for s in sides if s.source != "fake"] or sides
     if gens:
         shapes = {(int(s.meta["resolution"]), int(s.meta["nc"])) for s in gens}
         if len(shapes) > 1:
@@ -223,7 +225,7 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
                             f"(resolution, channels): {sorted(shapes)}")
         resolution, channels = shapes.pop()
     else:
-        resolution = 32 if all(s.source in LABELLED for s in sides) else 64
+        resolution = 32 if all(s.source in LABELLED for s in shaped) else 64
         channels = 0
     label_source = _labelled_source(sides)
     need_domain = features == "domain" or "is" in metrics  # IS falls back to the classifier
@@ -241,7 +243,7 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
         else:
             side.images = _load_data(side, resolution, channels, n, cache_dir, progress)
     if channels == 0:
-        own = {s.images.shape[1] for s in sides}
+        own = {s.images.shape[1] for s in shaped}
         channels = own.pop() if len(own) == 1 else 3
         for side in sides:  # grey beside colour: load the grey one as 3 identical channels
             if side.images.shape[1] != channels:
