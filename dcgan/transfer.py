@@ -213,7 +213,7 @@ def _linear_probe(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tens
         for lam in L2_GRID:
             w, b = fit_logistic(xf, y_tr[fit], n_classes, lam)
             scores.append((predict(w, b, xv) == y_tr[val]).float().mean().item())
-        l2 = L2_GRID[int(np.argmax(scores))]  # ties: the first, i.e. the strongest prior
+        l2 = L2_GRID[int(np.argmax(scores))]  # ties: the first, i.e. the weakest penalty
     xt, xs = standardise(x_train, x_test)
     w, b = fit_logistic(xt, y_tr, n_classes, l2)
     acc = (predict(w, b, xs) == torch.as_tensor(y_test)).float().mean().item()
