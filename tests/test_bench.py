@@ -30,7 +30,8 @@ def test_a_short_bench_gives_one_row_per_switch_and_data_kind(tmp_path, monkeypa
     assert [r.name for r in rows] == ["reference", "+channels_last", "default"]
     for r in rows:
         assert r.img_per_s > 0 and r.peak_mem_mb > 0 and r.warmup_s > 0
-        assert (r.batch, r.resolution, r.data, r.device) == (4, 32, "synthetic", "cpu")
+        assert (r.batch, r.resolution, r.data) == (4, 32, "synthetic")
+        assert r.device.startswith("cpu")
         assert r.peak_fraction == pytest.approx(r.tflops, abs=1e-4)
     write_json(rows, tmp_path / "b.json", "dcgan bench --batch 4")
     saved = json.loads((tmp_path / "b.json").read_text())
