@@ -16,6 +16,7 @@ from typing import Any
 from dcgan.errors import UserError
 
 RESOLUTIONS = (32, 64, 128)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainConfig:
     precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16: GradScalers; slow on CPUs)
     channels_last: bool = True
     compile: bool = False  # torch.compile each network (dynamic=False)
+    # torch.compile mode: default, reduce-overhead (CUDA graphs on CUDA) or max-autotune
+    compile_mode: str = "default"
     sync_bn: bool = False  # SyncBatchNorm across processes under torchrun
     eval_every: float = 0.0  # kimg between FID/KID evaluations against the training set (0: off)
     eval_features: str = "domain"  # domain (fast, Fashion-MNIST/MNIST) or inception
@@ -214,6 +217,8 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_ticks >= 1, f"checkpoint_ticks must be >= 1, got {t.checkpoint_ticks}")
     _check(t.precision in ("auto", "fp32", "bf16", "fp16"),
            f"precision must be auto, fp32, bf16 or fp16, got {t.precision}")
+    _check(t.compile_mode in COMPILE_MODES,
+           f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode}")
     _check(t.eval_every >= 0, f"eval_every must be >= 0, got {t.eval_every}")
     _check(t.eval_features in ("domain", "inception"),
            f"eval_features must be domain or inception, got {t.eval_features}")

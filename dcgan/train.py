@@ -184,8 +184,8 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
     if cfg.train.compile:
         # dynamic=False: D is called on leaf and on grad-requiring batches; letting
         # dynamo go dynamic there recompiled and crashed in inductor (DESIGN.md)
-        G_c = torch.compile(G, dynamic=False)
-        D_c = torch.compile(D, dynamic=False)
+        G_c = torch.compile(G, dynamic=False, mode=cfg.train.compile_mode)
+        D_c = torch.compile(D, dynamic=False, mode=cfg.train.compile_mode)
     gan = GAN(G, D, G_ema, opt_g, opt_d, wrap(G_c, env, device), wrap(D_c, env, device), D_c)
     if precision == "fp16":
         gan.scaler_g = torch.amp.GradScaler(device.type)
