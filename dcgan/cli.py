@@ -221,9 +221,34 @@ def bench_engine(args: argparse.Namespace) -> int:
                       f"{sec / secs['torch']:>8.2f}")
                 results.append({"name": impl, "device": device, "batch": b, "resolution": r,
                                 "sec_per_step": sec, "img_per_s": b / sec})
+    if args.denoise_epochs:
+        results += bench_denoiser(args.denoise_epochs, device)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def bench_denoiser(epochs: int, device: str) -> list[dict]:
+    """Seed 003's denoiser: seconds per epoch, engine (each kernel) vs torch autograd.
+
+    Each run_denoise trains both from the same weights on the same batches, the
+    engine's epoch and torch's epoch alternating; the median epoch is reported."""
+    from dcgan.engine.denoise import run_denoise
+
+    print(f"\n{'denoiser':<14} {'kernel':>7} {'s/epoch':>8} {'x torch':>8} {'val PSNR':>9}")
+    rows = []
+    for kernel in ("native", "unfold"):
+        res = run_denoise(epochs, device, kernel, log=None)
+        torch_sec = statistics.median(res["torch"]["sec_per_epoch"])
+        for impl in ("engine", "torch"):
+            sec = statistics.median(res[impl]["sec_per_epoch"])
+            name = f"engine-{kernel}" if impl == "engine" else "torch"
+            print(f"{name:<14} {kernel:>7} {sec:>8.2f} {sec / torch_sec:>8.2f} "
+                  f"{res[impl]['psnr'][-1]:>9.2f}")
+            rows.append({"name": f"denoiser/{name}", "device": device, "kernel_run": kernel,
+                         "epochs": epochs, "sec_per_epoch": sec, "x_torch": sec / torch_sec,
+                         "val_psnr": res[impl]["psnr"][-1]})
+    return rows
 
 
 def bench_generator(args: argparse.Namespace) -> int:
@@ -289,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peak-tflops", type=float, help="device peak, for the fraction column")
     b.add_argument("--engine", action="store_true",
                    help="instead: dcgan.engine (native, unfold) vs torch autograd step")
+    b.add_argument("--denoise-epochs", type=int, default=2,
+                   help="with --engine: also time seed 003's denoiser for this many epochs "
+                   "(0: skip)")
     b.add_argument("--generator", action="store_true",
                    help="instead: generator-only images/s (eager, compiled, exported)")
     b.add_argument("--profile", metavar="TRACE.json",
