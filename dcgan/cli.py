@@ -221,6 +221,8 @@ def bench_engine(args: argparse.Namespace) -> int:
                       f"{sec / secs['torch']:>8.2f}")
                 results.append({"name": impl, "device": device, "batch": b, "resolution": r,
                                 "sec_per_step": sec, "img_per_s": b / sec})
+    if args.denoise_epochs < 0:
+        raise UserError(f"--denoise-epochs must be >= 0, got {args.denoise_epochs}")
     if args.denoise_epochs:
         results += bench_denoiser(args.denoise_epochs, device)
     if args.json:
