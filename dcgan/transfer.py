@@ -120,7 +120,7 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
-                 max_iter: int = 300, init: tuple[torch.Tensor, torch.Tensor] | None = None
+                 max_iter: int = 100, init: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression: minimise mean cross-entropy + l2/2 |W|^2.
 
@@ -130,7 +130,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
     scipy's L-BFGS on numpy arrays: the objective is smooth and convex, and
     scipy's loop costs far less per iteration than torch.optim.LBFGS's many small
     tensor ops (20 s against well under 1 s for a 100 x 30 problem on these busy
-    2 cores).
+    2 cores). The stopping rule (at most 100 iterations, projected gradient below
+    1e-5) is about scikit-learn's default for the same solver; on 8,000 x 3,584
+    D features, 300 iterations to 1e-6 took about 5 minutes per feature kind and
+    L2 grid here.
     """
     from scipy.optimize import minimize
 
@@ -154,7 +157,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
     if init is not None:
         theta0 = np.concatenate([init[0].numpy().ravel(), init[1].numpy()]).astype(np.float64)
     res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": max_iter, "gtol": 1e-6})
+                   options={"maxiter": max_iter, "gtol": 1e-5})
     w = torch.from_numpy(res.x[:dim * n_classes].reshape(dim, n_classes).astype(np.float32))
     return w, torch.from_numpy(res.x[dim * n_classes:].astype(np.float32))
 
