@@ -305,6 +305,12 @@ def time_interleaved(steps: dict[str, Any], windows: int, steps_per_window: int,
     return {n: statistics.median(r) for n, r in rates.items()}
 
 
+def synthetic_images(batch: int, resolution: int) -> np.ndarray:
+    """Random uint8 RGB images (max(4 batch, 512), 3, R, R), seed 0: the synthetic data."""
+    return np.random.default_rng(0).integers(0, 256, (max(4 * batch, 512), 3, resolution,
+                                                      resolution), dtype=np.uint8)
+
+
 def build_step(name: str, kind: str, cfg: Config, images: np.ndarray, device: torch.device,
                image_files) -> Any:
     """One row's step: the reference with its DataLoader, or dcgan's step."""
@@ -357,8 +363,7 @@ def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
         for r, b, kind in groups:
             if kind == "real" and r not in real:
                 real[r] = load_images(dataset, r, 3, progress=False).images
-            images = real[r] if kind == "real" else np.random.default_rng(0).integers(
-                0, 256, (max(4 * b, 512), 3, r, r), dtype=np.uint8)
+            images = real[r] if kind == "real" else synthetic_images(b, r)
 
             def image_files(r=r, images=images) -> list[Path]:
                 if r not in files:  # the reference reads PNG files, as the example does
@@ -473,9 +478,7 @@ def profile_default(device_name: str = "auto", batch: int = 64, resolution: int 
     cfg = from_preset("dcgan64", {"resolution": resolution, "batch": batch,
                                   "dataset": dataset, "channels": 3})
     images = (load_images(dataset, resolution, 3, progress=False).images if data == "real"
-              else np.random.default_rng(0).integers(0, 256, (max(4 * batch, 512), 3,
-                                                              resolution, resolution),
-                                                     dtype=np.uint8))
+              else synthetic_images(batch, resolution))
     torch.manual_seed(0)
     step = build_step("default", data, cfg, images, device, image_files=None)
     warm_up(step, warmup, device)
