@@ -35,6 +35,7 @@ from tqdm import tqdm
 from dcgan.config import Config, from_preset
 from dcgan.errors import UserError
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
+from dcgan.timing import clock, in_turns, sync
 from dcgan.train import GAN, autocast, build_gan, resolve_precision, train_step
 
 # ---------------------------------------------------------------- FLOPs
@@ -278,31 +279,12 @@ def warm_up(step, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(steps: dict[str, Any], windows: int, steps_per_window: int,
                      device: torch.device, after_window=lambda: None) -> dict[str, float]:
-    """Median images/s of each step over `windows` timed windows, taken in turns.
-
-    Window w times every row once, starting at a different row each time. The
-    host here takes the CPU away for up to a second and has slow phases lasting
-    minutes; rows timed one after another would each see a different phase,
-    while rows timed in turns share them, so their ratios hold.
-    """
-    names = list(steps)
-    rates: dict[str, list[float]] = {n: [] for n in names}
-    for w in range(windows):
-        for name in names[w % len(names):] + names[:w % len(names)]:
-            sync(device)
-            t0 = time.perf_counter()
-            n = sum(steps[name]() for _ in range(steps_per_window))
-            sync(device)
-            rates[name].append(n / (time.perf_counter() - t0))
-        after_window()
-    return {n: statistics.median(r) for n, r in rates.items()}
+    """Median images/s of each step over `windows` windows of `steps_per_window`
+    steps, the steps timed in turns (`dcgan.timing.in_turns` says why)."""
+    wins = in_turns(steps, windows, steps_per_window, clock("wall", device), after_window)
+    return {name: statistics.median(n / s for n, s in w) for name, w in wins.items()}
 
 
 def synthetic_images(batch: int, resolution: int) -> np.ndarray:

@@ -25,10 +25,10 @@ import copy
 import importlib
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +40,7 @@ from torch import nn
 from dcgan.checkpoint import load_generator
 from dcgan.errors import UserError
 from dcgan.models import Generator, init_weights
+from dcgan.timing import Step, clock, in_turns
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17  # run by onnxruntime >= 1.13; the TorchScript exporter writes up to 20
@@ -219,30 +220,6 @@ def canonical_generator() -> tuple[Generator, dict[str, Any]]:
     return g.eval(), meta
 
 
-def _median_rate(fn, z, batch: int, sync, warmup: int, windows: int,
-                 min_window_s: float) -> tuple[float, float]:
-    """(first call s, median images/s): each window repeats fn(z) for >= min_window_s."""
-    t = time.perf_counter()
-    fn(z)
-    sync()
-    first = time.perf_counter() - t
-    for _ in range(warmup):
-        fn(z)
-    sync()
-    rates = []
-    for _ in range(windows):
-        calls, t = 0, time.perf_counter()
-        while True:
-            fn(z)
-            calls += 1
-            sync()
-            dt = time.perf_counter() - t
-            if dt >= min_window_s:
-                break
-        rates.append(calls * batch / dt)
-    return first, statistics.median(rates)
-
-
 def time_generator(run_or_none: str | None = None,
                    variants: tuple[str, ...] = VARIANTS,
                    batches: tuple[int, ...] = (1, 256), device: str = "cpu",
@@ -251,11 +228,13 @@ def time_generator(run_or_none: str | None = None,
     """Inference images/s of G per (variant, batch): eager, torch.compile, TorchScript
     and ONNX Runtime (the last two are the files `export_generator` writes, BN folded).
 
-    Without a run it times the canonical 64x64 G. Each number is the median over
-    `windows` windows of >= min_window_s after `warmup` untimed calls; the first
-    call (compilation, for `compiled`) is reported apart as first_call_s. ONNX
-    Runtime takes and returns numpy arrays, so on CUDA its rows include the host
-    copies a numpy user pays too.
+    Without a run it times the canonical 64x64 G. For each batch size, the
+    variants' first calls (compilation, for `compiled`) are timed on their own
+    and reported as first_call_s; after `warmup` more calls each, the variants
+    are timed in turns (`dcgan.timing.in_turns`) over `windows` windows of about
+    min_window_s each, and images/s is the median window. ONNX Runtime takes and
+    returns numpy arrays, so on CUDA its rows include the host copies a numpy
+    user pays too.
     """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -265,34 +244,54 @@ def time_generator(run_or_none: str | None = None,
         raise UserError(f"batch sizes must be >= 1, got {list(batches)}")
     dev = torch.device(device)
     g, meta = load_generator(run_or_none, "cpu") if run_or_none else canonical_generator()
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    rows = []
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="dcgan-export-") as tmp:
-        for variant in variants:
-            fn, note = _variant(variant, g, meta, dev, Path(tmp))
-            for b in batches:
-                row = {"variant": variant, "batch": b, "images_per_s": None,
-                       "ms_per_batch": None, "first_call_s": None, "device": str(dev),
-                       "resolution": meta["resolution"], "nz": meta["nz"], "ngf": meta["ngf"],
-                       "nc": meta["nc"], "threads": torch.get_num_threads(), "note": note}
-                if fn is not None:
-                    z = torch.randn(b, meta["nz"], 1, 1, generator=torch.Generator()
-                                    .manual_seed(b)).to(dev)
-                    with torch.inference_mode():
-                        first, rate = _median_rate(fn, z, b, sync, warmup, windows,
-                                                   min_window_s)
-                    row.update(images_per_s=rate, ms_per_batch=1000 * b / rate,
-                               first_call_s=first)
+        built = {v: _variant(v, g, meta, dev, Path(tmp)) for v in variants}  # (fn, note)
+        for b in batches:
+            z = torch.randn(b, meta["nz"], 1, 1, generator=torch.Generator().manual_seed(b))
+            timed = _time_in_turns({v: fn for v, (fn, _) in built.items() if fn is not None},
+                                   z.to(dev), warmup, windows, min_window_s, dev)
+            for variant, (_, note) in built.items():
+                first, rate = timed.get(variant, (None, None))
+                rows[variant, b] = {
+                    "variant": variant, "batch": b, "images_per_s": rate,
+                    "ms_per_batch": None if rate is None else 1000 * b / rate,
+                    "first_call_s": first, "device": str(dev),
+                    "resolution": meta["resolution"], "nz": meta["nz"], "ngf": meta["ngf"],
+                    "nc": meta["nc"], "threads": torch.get_num_threads(), "note": note}
                 if progress:
-                    shown = "-" if fn is None else f"{row['images_per_s']:.1f} img/s"
+                    shown = "-" if rate is None else f"{rate:.1f} img/s"
                     print(f"generator {variant:11s} batch {b:4d}: {shown}", file=sys.stderr,
                           flush=True)
-                rows.append(row)
-    return rows
+    return [rows[v, b] for v in variants for b in batches]
+
+
+@torch.inference_mode()
+def _time_in_turns(fns: dict[str, Callable], z: torch.Tensor, warmup: int, windows: int,
+                   min_window_s: float, dev: torch.device) -> dict[str, tuple[float, float]]:
+    """variant -> (first call s, median images/s) for one batch of latents z."""
+    now, batch = clock("wall", dev), z.shape[0]
+    first, steps, calls = {}, {}, {}
+    for variant, fn in fns.items():
+        t0 = now()
+        fn(z)
+        first[variant] = now() - t0
+        t0 = now()
+        for _ in range(warmup):
+            fn(z)
+        per_call = (now() - t0) / warmup if warmup else first[variant]
+        steps[variant] = _call(fn, z, batch)
+        # enough calls per window that it lasts about min_window_s
+        calls[variant] = max(1, math.ceil(min_window_s / max(per_call, 1e-6)))
+    return {variant: (first[variant], statistics.median(n / sec for n, sec in w))
+            for variant, w in in_turns(steps, windows, calls, now).items()}
+
+
+def _call(fn: Callable, z: torch.Tensor, batch: int) -> Step:
+    def run() -> int:
+        fn(z)
+        return batch
+    return run
 
 
 def _variant(name: str, g: Generator, meta: dict[str, Any], dev: torch.device, tmp: Path):

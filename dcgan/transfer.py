@@ -430,6 +430,9 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
     feats["pixels"] = (to_unit(train.images[used]).flatten(1), to_unit(test.images).flatten(1))
 
     rows = []
+    # one tick per linear probe (len(L2_GRID) + 1 fits each) and per supervised model
+    bar = tqdm(total=len(counts) * draws * (len(feats) + 1), desc="transfer", unit="model",
+               disable=not progress, dynamic_ncols=True)
     for n in counts:
         acc: dict[str, list[float]] = {m: [] for m in METHODS}
         chosen_l2: dict[str, list[float]] = {m: [] for m in METHODS if m != "supervised"}
@@ -437,20 +440,25 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
             idx = subsets[draw, n]
             rows_in_used = np.searchsorted(used, idx)
             for m, (f_train, f_test) in feats.items():
+                bar.set_postfix_str(f"{n} labels/class, draw {draw + 1}: {METHODS[m]}")
                 # the same validation split for every kind of feature
                 rng = np.random.default_rng([cfg.train.seed, draw, 1])
                 a, lam = linear_probe(f_train[rows_in_used], y_train[idx], f_test, y_test, k,
                                       rng)
                 acc[m].append(a)
                 chosen_l2[m].append(lam)
+                bar.update(1)
+            bar.set_postfix_str(f"{n} labels/class, draw {draw + 1}: {METHODS['supervised']}")
             model = train_supervised(d_untrained, train.images[idx], y_train[idx], k,
                                      seed=cfg.train.seed * 1000 + draw, device=device,
                                      epochs=sup_epochs, min_steps=sup_min_steps,
                                      progress=progress)
             pred = classify(model, test.images, device, progress=progress)
             acc["supervised"].append(float((pred == y_test).mean()))
+            bar.update(1)
         rows.append({"labels": n, "n_train": len(subsets[0, n]),
                      **{m: _summary(acc[m]) for m in METHODS}, "l2": chosen_l2})
+    bar.close()
 
     notes = []
     if "all" in counts and len(y_train) > max_train:

@@ -30,7 +30,10 @@ def dcgan(*args, cwd=None, env_extra=None):
 
 
 @pytest.mark.slow
-def test_train_resume_sample_end_to_end(tmp_path):
+def test_train_resume_sample_end_to_end(tmp_path, capsys, monkeypatch):
+    """The first run goes through `python -m dcgan` as a user's would; the resume and
+    the sampling then run in-process on its folder (the same code, minus one torch
+    import each)."""
     out = tmp_path / "run"
     r = dcgan("train", *TINY, "--kimg", "0.032", "--out", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -38,13 +41,14 @@ def test_train_resume_sample_end_to_end(tmp_path):
     for name in ("config.json", "stats.jsonl", "losses.png", "generator.safetensors",
                  "checkpoint.pt"):
         assert (out / name).is_file(), name
-    r = dcgan("train", "--resume", out, "--kimg", "0.064", "--quiet", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_main(capsys, monkeypatch, tmp_path, "train", "--resume", out, "--kimg",
+                            "0.064", "--quiet")
+    assert code == 0, err
     kimgs = [json.loads(x)["kimg"] for x in (out / "stats.jsonl").read_text().splitlines()]
     assert kimgs == [0.032, 0.064]
-    r = dcgan("sample", out, "--n", "16", "--seed", "3", "--out", tmp_path / "grid.png",
-              cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_main(capsys, monkeypatch, tmp_path, "sample", out, "--n", "16", "--seed",
+                            "3", "--out", tmp_path / "grid.png")
+    assert code == 0, err
     from PIL import Image
 
     # 4 x 4 images of 32 px with 2 px padding

@@ -3,22 +3,21 @@
 `compare_dcgan_steps` builds G and D for each implementation at nz=100,
 ngf=ndf=64 (the canonical widths, or `width`), float32, default contiguous (NCHW)
 memory format, from the same weights; it warms each up, then times them
-round-robin, one step each in turn, so that a busy shared machine slows them all
-alike. `dcgan bench --engine` and `python -m dcgan.engine.bench` print that
-comparison. clock="cpu" counts this process's CPU time instead of wall time
-(meaningful with one intra-op thread), which is far steadier when other jobs
-compete for the cores.
+round-robin, one step each in turn (`dcgan.timing.in_turns`), so that a busy
+shared machine slows them all alike. `dcgan bench --engine` and
+`python -m dcgan.engine.bench` print that comparison. clock="cpu" counts this
+process's CPU time instead of wall time (meaningful with one intra-op thread),
+which is far steadier when other jobs compete for the cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
+from dcgan import timing
 from dcgan.engine.gan import ScratchGAN
 from dcgan.engine.reference import TorchGAN
 
@@ -41,19 +40,6 @@ def make_gan(impl: str, resolution: int, nc: int, device: str, seed: int = 0,
     return engine_gan
 
 
-def _clock(clock: str, device: str) -> Callable[[], float]:
-    if clock == "cpu":
-        return time.process_time
-    if clock != "wall":
-        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    if str(device).startswith("cuda"):
-        def wall() -> float:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return wall
-    return time.perf_counter
-
-
 def _inputs(batch: int, resolution: int, nc: int, nz: int, device: str):
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, nc, resolution, resolution, generator=g) * 2 - 1).to(device)
@@ -67,19 +53,20 @@ def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolut
     """Seconds of every timed step of each implementation, one step each in turn."""
     gans = {impl: make_gan(impl, resolution, nc, device, width=width) for impl in impls}
     x, z = _inputs(batch, resolution, nc, 100, device)
-    now = _clock(clock, device)
     for gan in gans.values():
         for _ in range(warmup):
             gan.step(x, z)
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for i in range(steps):
-        # rotate the starting implementation so none always runs right after another
-        order = list(impls[i % len(impls):]) + list(impls[:i % len(impls)])
-        for impl in order:
-            t0 = now()
-            gans[impl].step(x, z)
-            times[impl].append(now() - t0)
-    return times
+
+    def step(gan: ScratchGAN | TorchGAN) -> timing.Step:
+        def run() -> int:
+            gan.step(x, z)
+            return batch
+        return run
+
+    # one step per window, so every step's own time is kept (median and minimum)
+    windows = timing.in_turns({impl: step(gan) for impl, gan in gans.items()}, steps, 1,
+                       timing.clock(clock, device))
+    return {impl: [sec for _, sec in w] for impl, w in windows.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
