@@ -195,7 +195,47 @@ class ReferenceStep:
         d_g_z2 = output.mean().item()
         self.optG.step()
         _ = (err_real + err_fake).item(), err_g.item(), d_x, d_g_z1, d_g_z2
+        if self.loader.num_workers:
+            wait_for_idle_workers()
         return b
+
+
+def _children_cpu_ticks() -> int | None:
+    """CPU time (clock ticks) used so far by this process's live children (Linux
+    /proc); None where that cannot be read."""
+    import multiprocessing
+
+    total = 0
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
+def wait_for_idle_workers(poll_s: float = 0.02, quiet_polls: int = 3,
+                          timeout_s: float = 30.0) -> None:
+    """Block until the DataLoader workers stop using CPU (they refill their
+    prefetch queue after each batch the reference takes).
+
+    Without this, that decoding ran while the *next* row was timed: in a
+    diagnostic run two identical dcgan rows timed after the reference differed
+    by 15 %, and by 2 % without the reference. Waiting here charges the
+    reference's decoding to the reference's own window.
+    """
+    last, quiet = _children_cpu_ticks(), 0
+    if last is None:
+        return
+    deadline = time.perf_counter() + timeout_s
+    while quiet < quiet_polls and time.perf_counter() < deadline:
+        time.sleep(poll_s)
+        now = _children_cpu_ticks()
+        if now is None:
+            return
+        quiet = quiet + 1 if now == last else 0
+        last = now
 
 
 # ---------------------------------------------------------------- dcgan's own step

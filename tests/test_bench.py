@@ -1,10 +1,19 @@
-"""`dcgan bench`: model FLOPs from layer shapes, and a short real run of the table."""
+"""`dcgan bench`: model FLOPs from layer shapes, a short real run of the table, and
+the reference's DataLoader workers kept out of other rows' windows."""
 
 import json
+import time
 
 import pytest
+import torch
 
-from dcgan.bench import run_bench, train_flops_per_image, write_json
+from dcgan.bench import (
+    _children_cpu_ticks,
+    run_bench,
+    train_flops_per_image,
+    wait_for_idle_workers,
+    write_json,
+)
 from dcgan.models import Discriminator, Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,3 +46,31 @@ def test_a_short_bench_gives_one_row_per_switch_and_data_kind(tmp_path, monkeypa
     saved = json.loads((tmp_path / "b.json").read_text())
     required = {"name", "device", "batch", "resolution", "data", "img_per_s", "peak_mem_mb"}
     assert len(saved) == 3 and all(required <= set(row) for row in saved)
+
+
+class _Busy(torch.utils.data.Dataset):
+    """Each item burns ~30 ms of CPU, as decoding a PNG does."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        t = time.process_time()
+        while time.process_time() - t < 0.03:
+            pass
+        return torch.zeros(1)
+
+
+def test_reference_waits_until_its_loader_workers_stop_prefetching():
+    """After a batch is taken the workers refill their queue (here 2 workers x 2 batches
+    of 4 items, ~0.1 s each); once `wait_for_idle_workers` returns they use no more CPU,
+    so none of their work spills into the next row's timed window."""
+    loader = torch.utils.data.DataLoader(_Busy(), batch_size=4, num_workers=2,
+                                         persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    wait_for_idle_workers()
+    before = _children_cpu_ticks()
+    time.sleep(0.3)
+    assert before is not None and _children_cpu_ticks() == before
+    del it, loader
