@@ -220,10 +220,10 @@ def wait_for_idle_workers(poll_s: float = 0.02, quiet_polls: int = 3,
     """Block until the DataLoader workers stop using CPU (they refill their
     prefetch queue after each batch the reference takes).
 
-    Without this, that decoding ran while the *next* row was timed: in a
-    diagnostic run two identical dcgan rows timed after the reference differed
-    by 15 %, and by 2 % without the reference. Waiting here charges the
-    reference's decoding to the reference's own window.
+    Without this, that decoding runs while the *next* row is timed. Waiting
+    here charges the reference's decoding to the reference's own window. (It
+    did not explain why two identical dcgan rows came out 15 % apart in one
+    group on real data; docs/benchmarks.md records that open question.)
     """
     last, quiet = _children_cpu_ticks(), 0
     if last is None:

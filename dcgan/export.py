@@ -31,6 +31,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from torch import nn
 from dcgan.checkpoint import load_generator
 from dcgan.errors import UserError
 from dcgan.models import Generator, init_weights
-from dcgan.timing import Step, clock, in_turns
+from dcgan.timing import clock, counted, in_turns
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17  # run by onnxruntime >= 1.13; the TorchScript exporter writes up to 20
@@ -280,18 +281,11 @@ def _time_in_turns(fns: dict[str, Callable], z: torch.Tensor, warmup: int, windo
         for _ in range(warmup):
             fn(z)
         per_call = (now() - t0) / warmup if warmup else first[variant]
-        steps[variant] = _call(fn, z, batch)
+        steps[variant] = counted(partial(fn, z), batch)
         # enough calls per window that it lasts about min_window_s
         calls[variant] = max(1, math.ceil(min_window_s / max(per_call, 1e-6)))
     return {variant: (first[variant], statistics.median(n / sec for n, sec in w))
             for variant, w in in_turns(steps, windows, calls, now).items()}
-
-
-def _call(fn: Callable, z: torch.Tensor, batch: int) -> Step:
-    def run() -> int:
-        fn(z)
-        return batch
-    return run
 
 
 def _variant(name: str, g: Generator, meta: dict[str, Any], dev: torch.device, tmp: Path):

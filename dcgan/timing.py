@@ -18,6 +18,14 @@ import torch
 Step = Callable[[], int]  # runs one step and returns how many images it processed
 
 
+def counted(fn: Callable[[], object], images: int) -> Step:
+    """The Step that runs fn() and counts `images` images (a batch's size)."""
+    def run() -> int:
+        fn()
+        return images
+    return run
+
+
 def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously)."""
     device = torch.device(device)

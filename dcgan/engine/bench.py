@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 
 import torch
 
@@ -56,16 +57,9 @@ def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolut
     for gan in gans.values():
         for _ in range(warmup):
             gan.step(x, z)
-
-    def step(gan: ScratchGAN | TorchGAN) -> timing.Step:
-        def run() -> int:
-            gan.step(x, z)
-            return batch
-        return run
-
+    timed = {impl: timing.counted(partial(gan.step, x, z), batch) for impl, gan in gans.items()}
     # one step per window, so every step's own time is kept (median and minimum)
-    windows = timing.in_turns({impl: step(gan) for impl, gan in gans.items()}, steps, 1,
-                       timing.clock(clock, device))
+    windows = timing.in_turns(timed, steps, 1, timing.clock(clock, device))
     return {impl: [sec for _, sec in w] for impl, w in windows.items()}
 
 
