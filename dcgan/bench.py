@@ -32,11 +32,12 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from dcgan import calibrate
 from dcgan.config import Config, from_preset
 from dcgan.errors import UserError
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
 from dcgan.timing import clock, in_turns, sync
-from dcgan.train import GAN, autocast, build_gan, resolve_precision, train_step
+from dcgan.train import GAN, autocast, build_gan, memory_format, train_step
 
 # ---------------------------------------------------------------- FLOPs
 
@@ -267,11 +268,13 @@ class HostBatches:
 
 class DcganStep:
     def __init__(self, cfg: Config, nc: int, device: torch.device, batches):
-        precision = resolve_precision(cfg.train.precision, device)
+        # the `default` row resolves auto exactly as `dcgan train` does (cached)
+        cfg = calibrate.apply(cfg, calibrate.resolve(cfg, nc, device, cfg.data.cache_dir))
+        precision = cfg.train.precision
         self.gan: GAN = build_gan(cfg, nc, device, precision=precision)
         self.cfg, self.batches = cfg, batches
         self.ctx = autocast(precision, device)
-        self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.fmt = memory_format(cfg)
 
     def __call__(self) -> int:
         train_step(self.gan, self.batches, self.cfg, 0.0, self.ctx, self.fmt)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dcgan import atomic
 from dcgan.errors import UserError
 from dcgan.models import Generator
 
@@ -33,37 +32,13 @@ SNAPSHOT = "generator.safetensors"
 BEST = "best.safetensors"  # the snapshot with the lowest FID so far (--eval-every)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename tmp over path.
-
-    A failed write (disk full, read-only folder, I/O error) leaves the old file
-    as it was and becomes a UserError naming the file."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed write
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
-        raise UserError(f"cannot write {path}: {e.strerror or e}; {kept}") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
     wrapped = {"format": "dcgan-state-1", "sha256": hashlib.sha256(payload).hexdigest(),
                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
-    _atomic_write(Path(path), lambda tmp: torch.save(wrapped, tmp))
+    atomic.write(Path(path), lambda tmp: torch.save(wrapped, tmp))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -88,7 +63,7 @@ def save_generator(g: Generator, meta: dict[str, Any], path: str | Path) -> None
     """Write G's weights (CPU, contiguous) and `meta` (JSON values) as a safetensors file."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in g.state_dict().items()}
     header = {"dcgan": json.dumps(meta, sort_keys=True)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic.write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def snapshot_path(path: str | Path) -> Path:

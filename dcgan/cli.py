@@ -1,4 +1,4 @@
-"""The `dcgan` command line: train, sample, eval, bench, transfer, export, data.
+"""The `dcgan` command line: train, sample, eval, bench, transfer, info, export, data.
 
 Every config field is also a flag (`--d-lr 1e-4` sets train.d_lr). Mistakes a
 user can fix end in one line on stderr and exit status 2, never a traceback.
@@ -14,7 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from dcgan.config import PRESETS, apply_overrides, field_index, from_preset
+from dcgan.config import (
+    PRESETS,
+    TRISTATE,
+    apply_overrides,
+    field_index,
+    from_preset,
+    load_json,
+)
 from dcgan.errors import UserError
 
 
@@ -25,7 +32,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = f.default
         help_ = f"{section}.{name} (default {default!r})"
-        if f.type is bool:
+        if f.type is bool or name in TRISTATE:
             p.add_argument(flag, dest=f"cfg_{name}", nargs="?", const="true", metavar="BOOL",
                            help=help_)
         else:
@@ -61,14 +68,22 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.resume:
         run = Path(args.resume)
-        if not (run / checkpoint.CHECKPOINT).is_file():
-            raise UserError(f"--resume {run}: not a run folder (no {checkpoint.CHECKPOINT})")
         extra = set(overrides) - {"kimg", "device"}
         if extra:
             raise UserError("--resume continues the run with its own config; only --kimg and "
                             f"--device may change (got --{', --'.join(sorted(extra))})")
-        resume = checkpoint.load_state(run / checkpoint.CHECKPOINT)
-        cfg = apply_overrides(Config.from_dict(resume["config"]), overrides)
+        if (run / checkpoint.CHECKPOINT).is_file():
+            resume = checkpoint.load_state(run / checkpoint.CHECKPOINT)
+            cfg = apply_overrides(Config.from_dict(resume["config"]), overrides)
+        elif (run / "config.json").is_file():
+            # stopped before its first checkpoint: nothing to continue, so the run starts
+            # again from its own config (what it had written is of a run that is gone)
+            cfg = apply_overrides(load_json(str(run / "config.json")), overrides)
+            print(f"{run} has no {checkpoint.CHECKPOINT} yet: starting it again from its "
+                  "config.json", file=sys.stderr)
+        else:
+            raise UserError(f"--resume {run}: not a run folder (no {checkpoint.CHECKPOINT} "
+                            "or config.json)")
         out = run
     else:
         cfg = from_preset(args.preset, overrides)
@@ -78,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_json())
         return 0
     if resume is None:
-        prepare_run_dir(out, cfg, args.force)
+        prepare_run_dir(out, cfg, args.force or bool(args.resume))
     else:
         (out / "config.json").write_text(cfg.to_json() + "\n")
     print(f"run folder: {out}", file=sys.stderr)
@@ -192,6 +207,46 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """The machine, and what `auto` resolves to here for a preset's model (and why)."""
+    import torch
+
+    from dcgan import calibrate, machine
+    from dcgan.train import resolve_device
+
+    facts = machine.facts()
+    cfg = from_preset(args.preset, _overrides(args))
+    device = resolve_device(cfg.train.device)
+    nc = cfg.data.channels or (1 if cfg.data.dataset in ("fashion-mnist", "mnist") else 3)
+    choice = calibrate.resolve(cfg, nc, device, cfg.data.cache_dir)
+    facts["auto"] = {"preset": args.preset, "device": str(device), **choice.as_dict(),
+                     "native_bf16_rule": machine.native_bf16(facts["cpu"])}
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    c = facts["cpu"]
+    isa = ", ".join(k for k in ("avx2", "avx512", "avx512_bf16", "amx") if c[k]) or "none"
+    mem = f"{facts['memory_gib']} GiB" if facts["memory_gib"] is not None else "unknown"
+    print(f"CPU        {c['model']}: {c['cores']} cores, torch uses {c['threads']} threads\n"
+          f"ISA        torch dispatch {c['capability']}; has {isa} "
+          f"({machine.isa_label(c)})\n"
+          f"memory     {mem}\n"
+          f"versions   python {facts['python']}, torch {facts['torch']}, "
+          f"CUDA {facts['cuda'] or '-'}, cuDNN {facts['cudnn'] or '-'}")
+    for g in facts["gpus"]:
+        print(f"GPU {g['index']}      {g['name']}: {g['memory_gib']} GiB, compute "
+              f"{g['capability']}, bf16 {'yes' if g['bf16'] else 'no'}")
+    if not facts["gpus"]:
+        print("GPU        none (CUDA available: no)" if not torch.cuda.is_available() else "")
+    why = ("bf16 is a candidate: native bf16 instructions" if facts["auto"]["native_bf16_rule"]
+           else "bf16 is not a candidate: no native bf16 instructions (it would be emulated)")
+    if device.type == "cuda":
+        why = "CUDA: bf16 where the GPU supports it, else fp16 with loss scalers"
+    print(f"auto       {choice.line()}\n"
+          f"           for --preset {args.preset} on {device}; {why}")
     return 0
 
 
@@ -354,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_transfer)
+
+    i = sub.add_parser("info", help="the machine, and what auto settings resolve to here",
+                       description="CPU model and ISA level, memory, versions, GPUs, and the "
+                       "precision and memory format that `auto` picks for a preset's model "
+                       "(measured once, then cached).")
+    i.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
+    i.add_argument("--json", action="store_true", help="print JSON instead")
+    _add_config_flags(i)
+    i.set_defaults(func=cmd_info)
 
     x = sub.add_parser("export", help="export the generator (BatchNorm folded)")
     x.add_argument("run", help="run folder or generator.safetensors")

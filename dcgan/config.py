@@ -16,6 +16,7 @@ from typing import Any
 from dcgan.errors import UserError
 
 RESOLUTIONS = (32, 64, 128)
+TRISTATE = ("channels_last",)  # str fields that take auto, on or off
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -58,8 +59,11 @@ class TrainConfig:
     checkpoint_ticks: int = 5  # full training state every this many ticks (and at the end)
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16: GradScalers; slow on CPUs)
-    channels_last: bool = True
+    # auto: on the CPU the fastest of fp32 and (with native bf16 instructions) bf16,
+    # timed once per machine and model shape; on CUDA bf16, else fp16. fp16 on a CPU
+    # runs (GradScalers included) but is slow: it is there for testing
+    precision: str = "auto"  # auto, fp32, bf16 or fp16
+    channels_last: str = "auto"  # auto (timed with precision on the CPU; on with CUDA), on, off
     compile: bool = False  # torch.compile each network (dynamic=False)
     # torch.compile mode: default, reduce-overhead (CUDA graphs on CUDA) or max-autotune
     compile_mode: str = "default"
@@ -154,6 +158,15 @@ def coerce(name: str, value: Any, typ: type) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif name in TRISTATE:  # on / off / auto; booleans of older config files still read
+        word = str(value).lower() if isinstance(value, (bool, str)) else ""
+        if word in ("1", "true", "yes", "on"):
+            return "on"
+        if word in ("0", "false", "no", "off"):
+            return "off"
+        if word == "auto":
+            return "auto"
+        raise UserError(f"config: {name} expects auto, on or off, got {value!r}")
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -215,6 +228,8 @@ def validate(cfg: Config) -> None:
     _check(t.ema_kimg >= 0, f"ema_kimg must be >= 0, got {t.ema_kimg}")
     _check(t.tick_kimg > 0, f"tick_kimg must be > 0, got {t.tick_kimg}")
     _check(t.checkpoint_ticks >= 1, f"checkpoint_ticks must be >= 1, got {t.checkpoint_ticks}")
+    _check(t.channels_last in ("auto", "on", "off"),
+           f"channels_last must be auto, on or off, got {t.channels_last}")
     _check(t.precision in ("auto", "fp32", "bf16", "fp16"),
            f"precision must be auto, fp32, bf16 or fp16, got {t.precision}")
     _check(t.compile_mode in COMPILE_MODES,

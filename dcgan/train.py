@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dcgan import checkpoint, report
+from dcgan import atomic, calibrate, checkpoint, report
 from dcgan.config import Config
 from dcgan.data import Batches, load_images
 from dcgan.dist import (
@@ -54,16 +54,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware has it (CPU; CUDA with bf16 support), else fp16.
-
-    fp16 also runs on the CPU (same code path as CUDA, GradScalers included), but
-    without fp16 hardware it is slow there: it exists on the CPU for testing."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+def memory_format(cfg: Config) -> torch.memory_format:
+    """The layout of images and weights; cfg must be resolved (see dcgan.calibrate)."""
+    assert cfg.train.channels_last != "auto", "resolve the config first (dcgan.calibrate)"
+    return torch.channels_last if cfg.train.channels_last == "on" else torch.contiguous_format
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -169,7 +163,7 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
             raise UserError("engine scratch runs in one process (no torchrun)")
         return build_scratch_gan(cfg, nc, device)
     r = cfg.data.resolution
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg)
     G = build_generator(cfg.model, nc, r)
     D = build_discriminator(cfg.model, nc, r)
     if env.enabled and cfg.train.sync_bn:
@@ -346,14 +340,17 @@ class Watch:
 
 
 def prepare_run_dir(out: Path, cfg: Config, force: bool) -> None:
-    """A fresh run folder; refuse to mix two runs unless --force."""
-    # a folder whose earlier attempt failed before its first tick holds nothing to lose
+    """A fresh run folder; refuse to mix two runs unless --force.
+
+    A folder whose earlier attempt stopped before its first checkpoint holds nothing
+    that could be continued, so it is cleared and started again without --force
+    (under torchrun --max-restarts the relaunch of such a run lands here)."""
     if (out / "stats.jsonl").exists() or (out / checkpoint.CHECKPOINT).exists():
-        if not force:
+        if not force and (out / checkpoint.CHECKPOINT).exists():
             raise UserError(f"{out} already holds a run; use --resume {out} to continue it "
                             "or --force to start over")
-        for name in ("stats.jsonl", "losses.png", checkpoint.CHECKPOINT, checkpoint.SNAPSHOT,
-                     "config.json"):
+        for name in ("stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png",
+                     checkpoint.CHECKPOINT, checkpoint.SNAPSHOT, checkpoint.BEST, "config.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "samples", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +386,37 @@ def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
     return nimg, tick
 
 
+def set_lr_factor(gan: GAN, cfg: Config, factor: float) -> None:
+    """Both optimisers' learning rates = the configured rate x factor."""
+    for opt, lr in ((gan.opt_g, cfg.train.g_lr), (gan.opt_d, cfg.train.d_lr)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+
+
+def trim_to(out: Path, rows: list[dict[str, Any]], nimg: int) -> list[dict[str, Any]]:
+    """Keep the stats and metrics lines up to nimg (a checkpoint's); rewrite both files."""
+    kept = [r for r in rows if r["kimg"] * 1000 <= nimg]
+    atomic.write_text(out / "stats.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        m = [r for r in report.read_stats(metrics) if r["kimg"] * 1000 <= nimg]
+        atomic.write_text(metrics, "".join(json.dumps(r) + "\n" for r in m))
+    return kept
+
+
+def resolve_auto(cfg: Config, nc: int, device: torch.device,
+                 env: DistEnv) -> calibrate.Choice:
+    """`auto` precision and layout for this machine; under torchrun rank 0 measures
+    and every rank takes its answer (ranks must run the same computation)."""
+    choice = calibrate.resolve(cfg, nc, device, cfg.data.cache_dir) if env.is_main else None
+    if env.enabled:
+        box = [choice]
+        torch.distributed.broadcast_object_list(
+            box, src=0, device=device if device.type == "cuda" else None)
+        choice = box[0]
+    return choice
+
+
 def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Train until cfg.train.kimg; return the last tick's stats.
@@ -396,24 +424,34 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     `resume` is a loaded checkpoint whose state replaces the fresh one. Under
     torchrun every rank runs this; rank 0 alone writes to `out`.
     """
-    t = cfg.train
-    env, device = setup(resolve_device(t.device))
-    precision = "fp32" if t.engine == "scratch" else resolve_precision(t.precision, device)
+    env, device = setup(resolve_device(cfg.train.device))
     main = env.is_main
-    torch.manual_seed(t.seed)  # same initial weights on every rank
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
     data = load_images(cfg.data.dataset, cfg.data.resolution, cfg.data.channels,
                        cache_dir=cfg.data.cache_dir, progress=progress and main)
     nc = data.images.shape[1]
+    choice = resolve_auto(cfg, nc, device, env)
+    cfg = calibrate.apply(cfg, choice)
+    t, precision = cfg.train, cfg.train.precision
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if choice.how != "fixed":
+            print(choice.line(), file=sys.stderr)
+        (out / "config.json").write_text(cfg.to_json() + "\n")  # the resolved values
+        report.append_stats(out / "events.jsonl", {"event": "settings", **choice.as_dict(),
+                                                   "time": time.time()})
     batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed,
                       rank=env.rank, world_size=env.world_size)
     gan = build_gan(cfg, nc, device, env, precision)
     ctx = autocast(precision, device)
-    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg)
 
-    nimg, tick = 0, 0
+    nimg, tick, rollbacks = 0, 0, 0
+    watch = Watch()
     if resume is not None:
         nimg, tick = restore(gan, batches, resume, env, device)
+        rollbacks = resume.get("rollbacks", 0)
     elif env.enabled:
         torch.manual_seed(t.seed + 1_000_003 * env.rank)  # different noise per rank
 
@@ -432,14 +470,13 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     z_fixed = fixed_latents(cfg, device)
     rows = report.read_stats(out / "stats.jsonl") if main else []
     if resume is not None and main:  # drop lines written after the checkpoint (a crash)
-        rows = [r for r in rows if r["kimg"] * 1000 <= nimg]
-        (out / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = trim_to(out, rows, nimg)
 
     def state() -> dict[str, Any]:
         s = {"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
              "opt_g": gan.opt_g.state_dict(), "opt_d": gan.opt_d.state_dict(),
              "batches": batches.state_dict(), "nimg": nimg, "tick": tick,
-             "world_size": env.world_size, "best_fid": best_fid,
+             "world_size": env.world_size, "best_fid": best_fid, "rollbacks": rollbacks,
              "rng_cpu": torch.get_rng_state(),
              "config": cfg.to_dict()}
         if device.type == "cuda":
@@ -454,7 +491,6 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     sums: dict[str, torch.Tensor] = {}
     steps, tick_start, tick_start_nimg = 0, time.perf_counter(), nimg
     stopped = False
-    watch, rollbacks = Watch(), 0
     with StopFlag() as stop:
         while nimg < total and not stopped:
             if t.engine == "scratch":
@@ -489,12 +525,13 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                 bad_kimg = nimg / 1000
                 good = checkpoint.load_state(ckpt)
                 nimg, tick = restore(gan, batches, good, env, device)
-                for opt in (gan.opt_g, gan.opt_d):
-                    for group in opt.param_groups:
-                        group["lr"] *= 0.5 ** rollbacks  # the loaded state has the old lr
+                # from the configured rates, not the loaded ones: a checkpoint written after
+                # an earlier rollback already holds a halved rate
+                set_lr_factor(gan, cfg, 0.5 ** rollbacks)
                 event = {"event": "rollback", "at_kimg": bad_kimg, "to_kimg": nimg / 1000,
                          "lr_factor": 0.5 ** rollbacks, "time": time.time()}
                 if main:
+                    rows = trim_to(out, rows, nimg)  # the ticks after the checkpoint replay
                     report.append_stats(out / "events.jsonl", event)
                     print(f"\nnon-finite values: rolled back to {nimg / 1000:.3f} kimg with "
                           f"learning rates x{0.5 ** rollbacks} ({rollbacks}/{MAX_ROLLBACKS})",

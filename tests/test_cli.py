@@ -20,7 +20,8 @@ def run_main(capsys, monkeypatch, tmp_path, *args):
     return code, out.out, out.err
 
 TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "3", "--ngf", "8", "--ndf", "8",
-        "--nz", "16", "--batch", "16", "--tick-kimg", "0.032", "--precision", "fp32"]
+        "--nz", "16", "--batch", "16", "--tick-kimg", "0.032", "--precision", "fp32",
+        "--channels-last", "on"]
 
 
 def dcgan(*args, cwd=None, env_extra=None):

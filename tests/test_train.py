@@ -11,7 +11,8 @@ from dcgan.config import from_preset
 from dcgan.train import ema_beta, instance_noise_std, prepare_run_dir, training_loop
 
 TINY = {"dataset": "fake", "resolution": 32, "channels": 1, "ngf": 8, "ndf": 8, "nz": 16,
-        "batch": 16, "tick_kimg": 0.032, "checkpoint_ticks": 1, "precision": "fp32"}
+        "batch": 16, "tick_kimg": 0.032, "checkpoint_ticks": 1, "precision": "fp32",
+        "channels_last": "on"}
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +51,23 @@ def test_smoke_run_writes_every_artefact(tmp_path):
     # the snapshot holds the EMA generator
     for k, v in state["G_ema"].items():
         assert torch.equal(v, g.state_dict()[k]), k
+
+
+def test_auto_settings_are_resolved_recorded_and_printed(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(out, kimg=0.032, precision="auto", channels_last="auto")
+    cfg = json.loads((out / "config.json").read_text())["train"]
+    assert cfg["precision"] in ("fp32", "bf16") and cfg["channels_last"] in ("on", "off")
+    first = json.loads((out / "events.jsonl").read_text().splitlines()[0])
+    assert first["event"] == "settings" and first["how"] == "measured"
+    assert first["precision"] == cfg["precision"]
+    assert first["channels_last"] == (cfg["channels_last"] == "on")
+    assert len(first["img_per_s"]) >= 2 and first["capability"]
+    assert capsys.readouterr().err.count("auto: ") == 2  # "timing ..." and the choice
+    # a second run of the same shape takes the cached answer, and says so
+    run(tmp_path / "again", kimg=0.032, precision="auto", channels_last="auto")
+    again = json.loads((tmp_path / "again" / "events.jsonl").read_text().splitlines()[0])
+    assert again["how"] == "cached" and again["precision"] == first["precision"]
 
 
 @pytest.mark.parametrize("options", [{}, {"d_steps": 2, "label_flip": 0.1, "flip": True,
@@ -151,18 +169,23 @@ def test_scratch_engine_run(tmp_path):
     assert checkpoint.load_state(out / checkpoint.CHECKPOINT)["nimg"] == 64
 
 
-def _poison_after(monkeypatch, calls: int):
-    """Make the `calls`-th training step leave a NaN in G (a fault injected once)."""
+def _poison_after(monkeypatch, calls, what: str = "weights"):
+    """Make the training steps numbered in `calls` (1-based, counted over the whole run,
+    replays after a rollback included) leave a NaN in G's weights or in D's loss."""
     import dcgan.train as train_module
 
     real_step, count = train_module.train_step, {"n": 0}
+    calls = set(calls) if not callable(calls) else calls
 
     def step(gan, *args, **kwargs):
         out = real_step(gan, *args, **kwargs)
         count["n"] += 1
-        if count["n"] == calls:
-            with torch.no_grad():
-                next(gan.G.parameters()).fill_(float("nan"))
+        if (calls(count["n"]) if callable(calls) else count["n"] in calls):
+            if what == "weights":
+                with torch.no_grad():
+                    next(gan.G.parameters()).fill_(float("nan"))
+            else:
+                out["loss_d"] = torch.tensor(float("nan"))
         return out
 
     monkeypatch.setattr(train_module, "train_step", step)
@@ -171,7 +194,7 @@ def _poison_after(monkeypatch, calls: int):
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from dcgan.errors import UserError
 
-    _poison_after(monkeypatch, 3)  # ticks are 2 steps: tick 1 good, tick 2 poisoned
+    _poison_after(monkeypatch, [3])  # ticks are 2 steps: tick 1 good, tick 2 poisoned
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"non-finite .* 0.064 kimg .* last good checkpoint"):
         run(out, kimg=0.096)
@@ -180,17 +203,42 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(v.isfinite().all() for v in state["G"].values() if v.is_floating_point())
 
 
-def test_nan_rollback_halves_learning_rates(tmp_path, monkeypatch):
-    _poison_after(monkeypatch, 3)
+@pytest.mark.parametrize("what", ["weights", "loss"])
+def test_two_rollbacks_with_the_default_checkpoint_interval(tmp_path, monkeypatch, what):
+    """Ticks are 2 steps, a checkpoint every 5 ticks (the default). Step 13 (tick 7) is
+    poisoned: back to tick 5, lr x 0.5. The replay passes the checkpoint of tick 10 (saved
+    with the halved lr); step 27 (tick 12 of the replay) is poisoned: back to tick 10, lr
+    x 0.25 of the base exactly, not of the already-halved rate."""
+    _poison_after(monkeypatch, [13, 27], what)
     out = tmp_path / "run"
-    last = run(out, kimg=0.096, on_nan="rollback")
-    assert last["kimg"] == 0.096
+    last = run(out, kimg=0.448, on_nan="rollback", checkpoint_ticks=5)
+    assert last["kimg"] == 0.448
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["rollback"]
-    assert events[0]["to_kimg"] == 0.032 and events[0]["lr_factor"] == 0.5
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    assert [(e["at_kimg"], e["to_kimg"], e["lr_factor"]) for e in rollbacks] == [
+        (0.224, 0.16, 0.5), (0.384, 0.32, 0.25)]
     state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
-    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
-    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert state["opt_g"]["param_groups"][0]["lr"] == 2e-4 * 0.25  # exact: 5e-05
+    assert state["opt_d"]["param_groups"][0]["lr"] == 2e-4 * 0.25
+    # no tick written twice, none missing: stats.jsonl was trimmed to each checkpoint
+    assert [r["tick"] for r in _rows(out)] == list(range(1, 15))
+    assert [r["kimg"] for r in _rows(out)] == [round(0.032 * t, 3) for t in range(1, 15)]
+
+
+def test_a_fourth_rollback_stops(tmp_path, monkeypatch):
+    from dcgan.errors import UserError
+
+    _poison_after(monkeypatch, lambda n: n >= 3, "loss")  # every step from tick 2 on
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"non-finite .* training stopped"):
+        run(out, kimg=0.32, on_nan="rollback")
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["lr_factor"] for e in events if e["event"] == "rollback"] == [0.5, 0.25, 0.125]
+    assert [r["tick"] for r in _rows(out)] == [1]
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
