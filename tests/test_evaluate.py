@@ -138,6 +138,69 @@ def test_inception_features_shape_finite_deterministic_and_batch_independent():
                                rtol=1e-5, atol=1e-6)
 
 
+REFERENCE = Path(__file__).parent / "data" / "inception_reference.npz"
+
+
+def _scripted_features(images: np.ndarray) -> np.ndarray:
+    """The reference pipeline, written out: the pinned TorchScript file itself, grey
+    replicated, bilinear to 299 (align_corners=False), x / 128 - 1."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = torch.jit.load(str(inception_path())).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 32):
+            x = torch.from_numpy(images[i:i + 32]).float().expand(-1, 3, -1, -1)
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            out.append(net((x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last)))
+    return torch.cat(out).numpy()
+
+
+@needs_inception
+def test_inception_preprocessing_is_pinned_by_a_stored_reference():
+    """Features of one committed 32x32 image, computed once from the TorchScript file with
+    the documented pipeline; a change of scaling (2x/255 - 1) or of resampling (bicubic)
+    moves them by far more than the 1e-5 allowed."""
+    ref = np.load(REFERENCE)
+    got = InceptionExtractor().features(ref["image"])
+    scale = np.abs(ref["features"]).max()
+    assert np.abs(got - ref["features"]).max() <= 1e-5 * scale
+
+    import torch.nn.functional as F
+
+    ext = InceptionExtractor()
+    x = torch.from_numpy(ref["image"]).float().expand(-1, 3, -1, -1)
+    for wrong in (F.interpolate(x, size=(299, 299), mode="bilinear") * 2 / 255 - 1,
+                  F.interpolate(x, size=(299, 299), mode="bicubic") / 128 - 1):
+        with torch.no_grad():
+            off = ext.model(wrong).numpy()
+        assert np.abs(off - ref["features"]).max() > 100 * 1e-5 * scale
+
+
+@needs_fmnist
+@needs_inception
+def test_eager_inception_equals_the_torchscript_file_on_real_images():
+    """500 Fashion-MNIST test vs 500 train images through both networks: features equal
+    to 1e-4 relative, and the FID between the two sets equal to 0.05."""
+    from dcgan.data import load_images
+    from dcgan.metrics import fid_from_features
+
+    a = load_images("fashion-mnist", 32, 1, split="test", progress=False).images[:500]
+    b = load_images("fashion-mnist", 32, 1, progress=False).images[:500]
+    ext = InceptionExtractor()
+    ours = [extract(ext, batches(x, 32), len(x), progress=False) for x in (a, b)]
+    theirs = [_scripted_features(x) for x in (a, b)]
+    for o, t in zip(ours, theirs, strict=True):
+        assert np.abs(o - t).max() <= 1e-4 * np.abs(t).max()
+    fid_ours, fid_theirs = fid_from_features(*ours), fid_from_features(*theirs)
+    assert 1.0 < fid_theirs < 100.0  # two real sets at n = 500: small but not zero
+    assert abs(fid_ours - fid_theirs) <= 0.05
+
+
 @needs_inception
 def test_inception_checksum_refuses_a_tampered_copy(tmp_path):
     original = inception_path()
