@@ -165,6 +165,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_engine(args)
     if args.generator:
         return bench_generator(args)
+    if args.features:
+        rows = bench.time_extractors(args.device, _csv(args.batch, int)[0], args.windows,
+                                     args.steps, not args.quiet)
+        print(f"{'extractor':<32} {'batch':>5} {'img/s':>8}   on {rows[0]['device']}")
+        for row in rows:
+            print(f"{row['name']:<32} {row['batch']:>5} {row['img_per_s']:>8.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     if args.profile:
         data = _csv(args.data)[0]
         print(bench.profile_default(args.device, _csv(args.batch, int)[0],
@@ -376,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: skip)")
     b.add_argument("--generator", action="store_true",
                    help="instead: generator-only images/s (eager, compiled, exported)")
+    b.add_argument("--features", action="store_true",
+                   help="instead: feature extractors' images/s (TorchScript vs eager Inception, "
+                   "domain classifier) at the first --batch")
     b.add_argument("--profile", metavar="TRACE.json",
                    help="instead: torch.profiler over --steps default steps (first --batch, "
                    "--resolution and --data); prints the top operators, writes a Chrome trace")
