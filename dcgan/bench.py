@@ -35,6 +35,7 @@ from tqdm import tqdm
 from dcgan import calibrate
 from dcgan.config import Config, from_preset
 from dcgan.errors import UserError
+from dcgan.machine import device_label
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
 from dcgan.timing import clock, in_turns, sync
 from dcgan.train import GAN, autocast, build_gan, memory_format, train_step
@@ -434,12 +435,6 @@ def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
     return rows
 
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def format_table(rows: list[Row]) -> str:
     head = (f"{'name':<16} {'data':<9} {'batch':>5} {'res':>4} {'img/s':>9} {'x ref':>6} "
             f"{'peak MB':>8} {'warm s':>7} {'TFLOP/s':>8} {'of peak':>8}")
@@ -534,7 +529,6 @@ def time_extractors(device_name: str = "cpu", batch: int = 32, windows: int = 5,
 
     from dcgan.data import load_images
     from dcgan.features import DomainExtractor, InceptionExtractor, inception_path
-    from dcgan.machine import device_label
     from dcgan.train import resolve_device
 
     device = resolve_device(device_name)

@@ -7,6 +7,7 @@ user can fix end in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dcgan import checkpoint
     from dcgan.config import Config
     from dcgan.dist import restarted_by_torchrun
+    from dcgan.rundir import locked
     from dcgan.train import prepare_run_dir, training_loop
 
     overrides = _overrides(args)
@@ -92,16 +94,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cfg.to_json())
         return 0
-    if resume is None:
-        prepare_run_dir(out, cfg, args.force or bool(args.resume))
-    else:
-        (out / "config.json").write_text(cfg.to_json() + "\n")
-    print(f"run folder: {out}", file=sys.stderr)
-    last = training_loop(cfg, out, resume=resume, progress=not args.quiet)
+    # one writer per run folder (under torchrun, rank 0 writes and holds the lock)
+    lock = locked(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
+        if resume is None:
+            prepare_run_dir(out, cfg, args.force or bool(args.resume))
+        else:
+            (out / "config.json").write_text(cfg.to_json() + "\n")
+        print(f"run folder: {out}", file=sys.stderr)
+        last = training_loop(cfg, out, resume=resume, progress=not args.quiet)
     state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else (
         "done")
     print(f"{state} at {last.get('kimg', 0)} kimg. In {out}:\n"
-          f"  samples/fakesNNNNNN.png  fixed-noise grid per tick (G-EMA)\n"
+          f"  samples/fakesNNNNNNNNN.png  fixed-noise grid per tick (G-EMA; NNNNNNNNN = images)\n"
           f"  losses.png               loss and D-output curves\n"
           f"  stats.jsonl              one JSON line per tick\n"
           f"  generator.safetensors    G-EMA snapshot (dcgan sample / eval)\n"
@@ -250,8 +255,13 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{g['capability']}, bf16 {'yes' if g['bf16'] else 'no'}")
     if not facts["gpus"]:
         print("GPU        none (CUDA available: no)" if not torch.cuda.is_available() else "")
-    why = ("bf16 is a candidate: native bf16 instructions" if facts["auto"]["native_bf16_rule"]
-           else "bf16 is not a candidate: no native bf16 instructions (it would be emulated)")
+    if facts["auto"]["native_bf16_rule"]:
+        why = "bf16 is a candidate: native bf16 instructions"
+    elif c["avx512_bf16"] or c["amx"]:
+        why = (f"bf16 is not a candidate: torch dispatches to {c['capability']} kernels here "
+               "(ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA), so bf16 would be emulated")
+    else:
+        why = "bf16 is not a candidate: no native bf16 instructions (it would be emulated)"
     if device.type == "cuda":
         why = "CUDA: bf16 where the GPU supports it, else fp16 with loss scalers"
     print(f"auto       {choice.line()}\n"

@@ -56,6 +56,7 @@ class ImageSet:
     source: str  # "fashion-mnist", "mnist", "emoji", "fake" or an absolute path
     split: str  # "train" or "test"
     skipped: int = 0  # unreadable files left out while building
+    content: str = ""  # the digest that names the image cache: changes when the files do
 
 
 def cache_root(cache_dir: str = "") -> pathlib.Path:
@@ -674,7 +675,8 @@ def load_images(
     channels = channels or source.channels
     if source.key == "fake":  # cheaper to make than to read back
         images, labels, skipped = source.build(resolution, progress)
-        return ImageSet(_convert_channels(images, channels), labels, "fake", split, skipped)
+        return ImageSet(_convert_channels(images, channels), labels, "fake", split, skipped,
+                        "fake")
 
     root = cache_root(cache_dir)
     suffix = f"-{resolution}px-{channels}ch-{split}.npz"
@@ -690,7 +692,7 @@ def load_images(
                     old.unlink(missing_ok=True)
         cached = images, labels, skipped
     images, labels, skipped = cached
-    return ImageSet(images, labels, source.key, split, skipped)
+    return ImageSet(images, labels, source.key, split, skipped, source.slug)
 
 
 # --------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Side:
     generator: torch.nn.Module | None = None  # loaded on the CPU by parse_side
     meta: dict[str, Any] = field(default_factory=dict)
     images: np.ndarray | None = None  # uint8 (n, C, R, R) once loaded or sampled
+    content: str = ""  # data sides: the loaded source's content digest (keys its statistics)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"spec": self.spec, "kind": self.kind, "source": self.source}
@@ -161,6 +162,7 @@ def _load_data(side: Side, resolution: int, channels: int, n: int, cache_dir: st
 
     data = load_images(side.source, resolution, channels, split=side.split,
                        cache_dir=cache_dir, progress=progress)
+    side.content = data.content
     images = data.images
     if images.shape[0] > n:
         pick = np.random.default_rng(0).permutation(images.shape[0])[:n]
@@ -257,7 +259,8 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     for side in sides:
         key = None
         if side.kind == "data":
-            key = StatsKey(side.source, side.split, resolution, channels, n, extractor.name)
+            key = StatsKey(side.source, side.split, resolution, channels, n, extractor.name,
+                           side.content)
         f, z = _side_features(side, extractor, key, cache_dir, progress)
         feats.append(f)
         logits.append(z)
@@ -310,7 +313,8 @@ def _score(result: dict[str, Any], sides: list[Side], extractor: Extractor,
         for side in sides:
             key = None
             if side.kind == "data":
-                key = StatsKey(side.source, side.split, resolution, channels, n, clf.name)
+                key = StatsKey(side.source, side.split, resolution, channels, n, clf.name,
+                               side.content)
             logits.append(_side_features(side, clf, key, cache_dir, progress)[1])
         extractor = clf
     name = "is" if extractor.logits_kind == "inception" else "classifier_score"
@@ -423,7 +427,8 @@ class FidTracker:
         images = data.images
         if images.shape[0] > n:
             images = images[np.sort(np.random.default_rng(0).permutation(images.shape[0])[:n])]
-        key = StatsKey(data.source, "train", resolution, self.channels, n, self.extractor.name)
+        key = StatsKey(data.source, "train", resolution, self.channels, n, self.extractor.name,
+                       data.content)
 
         def compute() -> tuple[np.ndarray, None]:
             f, _ = extract_all(self.extractor, batches(images, FEATURE_BATCH), images.shape[0],

@@ -52,16 +52,13 @@ def native_bf16(isa: dict[str, Any]) -> bool:
 
 
 def isa_label(isa: dict[str, Any]) -> str:
-    """A short ISA level for tables: AMX, AVX-512 BF16, AVX-512, AVX2 or torch's own word."""
-    if isa["amx"]:
-        return "AMX"
-    if isa["avx512_bf16"]:
-        return "AVX-512 BF16"
-    if isa["avx512"]:
-        return "AVX-512"
-    if isa["avx2"]:
-        return "AVX2"
-    return str(isa["capability"])
+    """A short ISA level for tables, as torch's kernels use it: AMX, AVX-512 BF16,
+    AVX-512, AVX2 or torch's own word (a CPU with AVX-512 that torch was told to
+    run at AVX2, e.g. by ATEN_CPU_CAPABILITY, is labelled AVX2)."""
+    if native_bf16(isa):
+        return "AMX" if isa["amx"] else "AVX-512 BF16"
+    return {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(str(isa["capability"]),
+                                                     str(isa["capability"]))
 
 
 def memory_gib() -> float | None:

@@ -398,6 +398,7 @@ class StatsKey:
     channels: int
     n: int  # number of images requested (the file records how many were used)
     extractor: str  # extractor name including its weight fingerprint
+    content: str = ""  # the image cache's digest of the source: new files, new key
 
     def digest(self) -> str:
         text = json.dumps(self.__dict__, sort_keys=True)

@@ -553,9 +553,8 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
             if main:
                 report.append_stats(out / "stats.jsonl", row)
                 rows.append(row)
-                with torch.no_grad():
-                    report.save_grid(gan.G_ema(z_fixed),
-                                     out / "samples" / f"fakes{nimg // 1000:06d}.png")
+                with torch.no_grad():  # named by image count: ticks may be shorter than 1 kimg
+                    report.save_grid(gan.G_ema(z_fixed), out / "samples" / f"fakes{nimg:09d}.png")
                 report.plot_losses(rows, out / "losses.png")
                 checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
                                           out / checkpoint.SNAPSHOT)

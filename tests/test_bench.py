@@ -14,6 +14,7 @@ from dcgan.bench import (
     wait_for_idle_workers,
     write_json,
 )
+from dcgan.machine import device_label
 from dcgan.models import Discriminator, Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +41,8 @@ def test_a_short_bench_gives_one_row_per_switch_and_data_kind(tmp_path, monkeypa
     for r in rows:
         assert r.img_per_s > 0 and r.peak_mem_mb > 0 and r.warmup_s > 0
         assert (r.batch, r.resolution, r.data) == (4, 32, "synthetic")
-        assert r.device.startswith("cpu")
+        assert r.device == device_label(torch.device("cpu"))  # CPU model, ISA, threads
+        assert "threads" in r.device and "(" in r.device
         assert r.peak_fraction == pytest.approx(r.tflops, abs=1e-4)
     write_json(rows, tmp_path / "b.json", "dcgan bench --batch 4")
     saved = json.loads((tmp_path / "b.json").read_text())

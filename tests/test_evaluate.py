@@ -351,6 +351,20 @@ def test_evaluate_inception_on_small_folders_uses_all_images(tmp_path):
         evaluate(str(a), str(b), ["is"], "inception", n=50, progress=False)
 
 
+@needs_inception
+def test_cached_statistics_follow_the_folder_content(tmp_path):
+    """Statistics of a folder are cached; replacing one image (same name) must give the
+    new images' statistics, never the old ones."""
+    a = _image_folder(tmp_path / "a", 4, seed=1)
+    b = _image_folder(tmp_path / "b", 4, seed=2)
+    first = evaluate(str(a), str(b), ["fid"], "inception", n=50, progress=False)
+    again = evaluate(str(a), str(b), ["fid"], "inception", n=50, progress=False)
+    assert again["fid"] == first["fid"]  # read back from the cache
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(a / "0.png")
+    changed = evaluate(str(a), str(b), ["fid"], "inception", n=50, progress=False)
+    assert abs(changed["fid"] - first["fid"]) > 1.0
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 

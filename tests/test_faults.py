@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from dcgan import checkpoint
 from dcgan.checkpoint import load_state
 from dcgan.cli import main
+from dcgan.config import from_preset
+from dcgan.errors import UserError
 
 TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "8", "--ndf", "8",
         "--nz", "16", "--batch", "16", "--tick-kimg", "0.016", "--checkpoint-ticks", "1",
@@ -106,6 +108,45 @@ def test_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert load_state(run / checkpoint.CHECKPOINT)["nimg"] == 160
         assert stats_kimg(run) == [round(0.016 * t, 3) for t in range(1, 11)]  # one run
+
+
+def test_a_second_process_on_one_run_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    run = tmp_path / "run"
+    first = start(tmp_path, *TINY, "--kimg", "50", "--out", run)
+    wait_for(run / "stats.jsonl", first)
+    second = subprocess.run([sys.executable, "-m", "dcgan", "train", "--resume", str(run),
+                             "--kimg", "0.032"], capture_output=True, text=True,
+                            env=env_for(tmp_path), cwd=tmp_path, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1
+    assert second.stderr.startswith(f"dcgan: error: {run} is in use by another dcgan process "
+                                    f"(pid {first.pid})")
+    first.kill()  # its lock stays behind, naming a dead pid
+    first.communicate(timeout=60)
+    assert (run / ".lock").read_text().split()[0] == str(first.pid)
+    third = subprocess.run([sys.executable, "-m", "dcgan", "train", "--resume", str(run),
+                            "--kimg", "0.064"], capture_output=True, text=True,
+                           env=env_for(tmp_path), cwd=tmp_path, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def test_force_removes_everything_of_the_old_run(tmp_path):
+    from dcgan.train import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = ["stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png", checkpoint.CHECKPOINT,
+           checkpoint.SNAPSHOT, checkpoint.BEST, "config.json"]
+    for name in old:
+        (run / name).write_text("old")
+    (run / "samples").mkdir()
+    (run / "samples" / "fakes000000016.png").write_text("old")
+    cfg = from_preset("fmnist32", {"dataset": "fake"})
+    with pytest.raises(UserError, match="already holds a run"):
+        prepare_run_dir(run, cfg, force=False)
+    prepare_run_dir(run, cfg, force=True)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 
 # A real full disk: after a first checkpoint the subprocess lowers its own file-size limit
