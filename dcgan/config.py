@@ -17,6 +17,18 @@ from dcgan.errors import UserError
 
 RESOLUTIONS = (32, 64, 128)
 TRISTATE = ("channels_last",)  # str fields that take auto, on or off
+LOSSES = ("bce", "hinge", "lsgan", "wgan-gp")  # dcgan.losses implements each
+DIFFAUG_POLICIES = ("color", "translation", "cutout")  # dcgan.augment implements each
+
+
+def parse_policy(text: str) -> tuple[str, ...]:
+    """"translation,cutout" -> ("translation", "cutout"); "" -> (); unknown names fail."""
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in DIFFAUG_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown diffaug policy {', '.join(unknown)}; choose from "
+                         f"{', '.join(DIFFAUG_POLICIES)}")
+    return names
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -35,6 +47,7 @@ class ModelConfig:
     ngf: int = 64  # generator width: channels of the last hidden block
     ndf: int = 64  # discriminator width: channels of the first block
     g_dropout: float = 0.0  # ganhacks: dropout after G's hidden blocks (0 = none)
+    d_spectral_norm: bool = False  # spectral normalisation of D's conv weights (Miyato 2018)
 
 
 @dataclass
@@ -42,7 +55,12 @@ class TrainConfig:
     kimg: float = 150.0  # length of training in thousands of real images shown to D
     batch: int = 64  # per-process batch size
     d_steps: int = 1  # k of Goodfellow et al. Algorithm 1: D updates per G update
-    g_loss: str = "nonsat"  # nonsat (-log D(G(z))) or minimax (log(1 - D(G(z))))
+    loss: str = "bce"  # bce, hinge, lsgan or wgan-gp (dcgan.losses says what each is)
+    g_loss: str = "nonsat"  # with loss bce: nonsat (-log D(G(z))) or minimax (log(1 - D(G(z))))
+    gp_weight: float = 10.0  # lambda of wgan-gp's gradient penalty (Gulrajani et al.: 10)
+    r1_gamma: float = 0.0  # R1 penalty gamma/2 E||dD(x)/dx||^2 on real images (0: off)
+    r1_every: int = 16  # R1 applied lazily every this many D-steps, scaled by it
+    diffaug: str = ""  # DiffAugment of both D inputs: any of color,translation,cutout
     g_opt: str = "adam"  # adam or adamw
     d_opt: str = "adam"  # adam, adamw or sgd (ganhacks: SGD for D)
     g_lr: float = 2e-4
@@ -215,6 +233,14 @@ def validate(cfg: Config) -> None:
     _check(t.batch >= 1, f"batch must be >= 1, got {t.batch}")
     _check(t.d_steps >= 1, f"d_steps must be >= 1, got {t.d_steps}")
     _check(t.g_loss in ("nonsat", "minimax"), f"g_loss must be nonsat or minimax, got {t.g_loss}")
+    _check(t.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {t.loss}")
+    _check(t.gp_weight >= 0, f"gp_weight must be >= 0, got {t.gp_weight}")
+    _check(t.r1_gamma >= 0, f"r1_gamma must be >= 0, got {t.r1_gamma}")
+    _check(t.r1_every >= 1, f"r1_every must be >= 1, got {t.r1_every}")
+    try:
+        parse_policy(t.diffaug)
+    except ValueError as e:
+        raise UserError(f"config: {e}") from None
     _check(t.g_opt in ("adam", "adamw"), f"g_opt must be adam or adamw, got {t.g_opt}")
     _check(t.d_opt in ("adam", "adamw", "sgd"), f"d_opt must be adam, adamw or sgd, got {t.d_opt}")
     _check(t.g_lr > 0 and t.d_lr > 0, f"learning rates must be > 0, got {t.g_lr}, {t.d_lr}")
@@ -242,8 +268,9 @@ def validate(cfg: Config) -> None:
     _check(t.engine in ("torch", "scratch"), f"engine must be torch or scratch, got {t.engine}")
     if t.engine == "scratch":
         _check(t.precision in ("auto", "fp32") and not t.compile and t.instance_noise == 0
-               and t.g_loss == "nonsat" and t.d_steps == 1,
-               "engine scratch trains in fp32 without compile, instance noise, minimax loss "
-               "or d_steps > 1")
+               and t.g_loss == "nonsat" and t.d_steps == 1 and t.loss == "bce"
+               and t.r1_gamma == 0 and not t.diffaug and not m.d_spectral_norm,
+               "engine scratch trains in fp32 with the bce loss, without compile, instance "
+               "noise, minimax loss, d_steps > 1, penalties, diffaug or spectral norm")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"device must be auto, cpu, cuda or cuda:N, got {t.device}")

@@ -103,6 +103,28 @@ def build_generator(model: ModelConfig, nc: int, resolution: int) -> Generator:
 def build_discriminator(model: ModelConfig, nc: int, resolution: int) -> Discriminator:
     d = Discriminator(model.ndf, nc, resolution)
     d.apply(init_weights)
+    if model.d_spectral_norm:
+        spectral_norm_convs(d)
+    return d
+
+
+def spectral_norm_convs(d: nn.Module) -> nn.Module:
+    """Divide every conv weight of d by its largest singular value (Miyato et al. 2018),
+    estimated by one power iteration per training forward. The weight then lives at
+    `...parametrizations.weight.original`; `plain_weights` turns it back."""
+    for m in d.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.utils.parametrizations.spectral_norm(m)
+    return d
+
+
+def plain_weights(d: nn.Module) -> nn.Module:
+    """Bake spectrally normalised weights into plain ones (eval-mode use: transfer, export)."""
+    from torch.nn.utils import parametrize
+
+    for m in d.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return d
 
 

@@ -27,7 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dcgan import atomic, calibrate, checkpoint, report
-from dcgan.config import Config
+from dcgan.augment import diff_augment
+from dcgan.config import Config, parse_policy
 from dcgan.data import Batches, load_images
 from dcgan.dist import (
     DistEnv,
@@ -39,7 +40,13 @@ from dcgan.dist import (
     wrap,
 )
 from dcgan.errors import UserError
-from dcgan.losses import G_LOSSES, d_loss, d_targets
+from dcgan.losses import (
+    d_targets,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+    r1_penalty,
+)
 from dcgan.models import build_discriminator, build_generator
 
 N_FIXED = 64  # latents in the per-tick sample grid
@@ -127,6 +134,7 @@ class GAN:
     # does not skip G's step and each network finds its own scale
     scaler_g: torch.amp.GradScaler | None = None
     scaler_d: torch.amp.GradScaler | None = None
+    d_updates: int = 0  # D-steps so far: the lazy R1 schedule (saved in checkpoints)
 
 
 def build_scratch_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
@@ -165,7 +173,7 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
     r = cfg.data.resolution
     fmt = memory_format(cfg)
     G = build_generator(cfg.model, nc, r)
-    D = build_discriminator(cfg.model, nc, r)
+    D = build_discriminator(cfg.model, nc, r)  # spectral norm inside when asked
     if env.enabled and cfg.train.sync_bn:
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
         D = nn.SyncBatchNorm.convert_sync_batchnorm(D)
@@ -200,6 +208,33 @@ def update(loss: torch.Tensor, opt: torch.optim.Optimizer,
     scaler.update()
 
 
+def d_inputs(x: torch.Tensor, noise_std: float, policy: tuple[str, ...],
+             fmt: torch.memory_format) -> torch.Tensor:
+    """What D sees of an image batch: instance noise, then DiffAugment (both optional)."""
+    x = with_noise(x, noise_std)
+    if policy:
+        x = diff_augment(x, policy).contiguous(memory_format=fmt)
+    return x
+
+
+def d_penalty(gan: GAN, cfg: Config, x_real: torch.Tensor, x_fake: torch.Tensor
+              ) -> torch.Tensor | None:
+    """The gradient penalties of this D-step (WGAN-GP's, lazy R1's), or None.
+
+    They need a double backward, which neither torch.compile nor a DDP forward
+    supports, so they run through the raw D (same parameters): its gradients join
+    loss_d's in the one backward, whose DDP hooks all-reduce the sum."""
+    t = cfg.train
+    total = None
+    if t.loss == "wgan-gp" and t.gp_weight > 0:
+        total = t.gp_weight * gradient_penalty(gan.D, x_real, x_fake)
+    if t.r1_gamma > 0 and gan.d_updates % t.r1_every == 0:
+        # lazy: every r1_every-th D-step, weighted by r1_every to keep the same strength
+        r1 = t.r1_gamma * t.r1_every * r1_penalty(gan.D, x_real)
+        total = r1 if total is None else total + r1
+    return total
+
+
 def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
                fmt: torch.memory_format) -> dict[str, torch.Tensor]:
     """One iteration of Algorithm 1: k D-steps, then one G-step. Returns device scalars.
@@ -210,7 +245,9 @@ def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
     """
     t = cfg.train
     D, G = gan.D_train, gan.G_train
+    policy = parse_policy(t.diffaug)
     for k in range(t.d_steps):
+        # (1) Update D: k times, each on a fresh real batch and fresh fakes
         x_real = next(batches).contiguous(memory_format=fmt)
         b = x_real.shape[0]
         z = torch.randn(b, cfg.model.nz, 1, 1, device=x_real.device)
@@ -219,17 +256,21 @@ def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
             fake = G(z)
         t_real, t_fake = d_targets(b, t.label_smoothing, t.label_flip, x_real.device)
         gan.opt_d.zero_grad(set_to_none=True)
+        seen_real = d_inputs(x_real, noise_std, policy, fmt)
+        seen_fake = d_inputs(fake.detach(), noise_std, policy, fmt)
         with ctx:
-            logits_real = D(with_noise(x_real, noise_std))
-            logits_fake = D(with_noise(fake.detach(), noise_std))
-        loss_d = d_loss(logits_real, logits_fake, t_real, t_fake)
-        update(loss_d, gan.opt_d, gan.scaler_d)
-    # G-step: D's weights need no gradient here; freezing them skips their dW.
+            logits_real = D(seen_real)
+            logits_fake = D(seen_fake)
+        loss_d = discriminator_loss(t.loss, logits_real, logits_fake, t_real, t_fake)
+        penalty = d_penalty(gan, cfg, seen_real, seen_fake)
+        update(loss_d if penalty is None else loss_d + penalty, gan.opt_d, gan.scaler_d)
+        gan.d_updates += 1
+    # (2) Update G: D's weights need no gradient here; freezing them skips their dW.
     gan.D.requires_grad_(False)
     gan.opt_g.zero_grad(set_to_none=True)
     with ctx:
-        logits_g = gan.D_frozen(with_noise(fake, noise_std))
-    loss_g = G_LOSSES[t.g_loss](logits_g)
+        logits_g = gan.D_frozen(d_inputs(fake, noise_std, policy, fmt))
+    loss_g = generator_loss(t.loss, t.g_loss, logits_g)
     update(loss_g, gan.opt_g, gan.scaler_g)
     gan.D.requires_grad_(True)
     return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
@@ -373,6 +414,7 @@ def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
         gan.scaler_g.load_state_dict(resume["scaler_g"])
         gan.scaler_d.load_state_dict(resume["scaler_d"])
     nimg, tick = resume["nimg"], resume["tick"]
+    gan.d_updates = resume.get("d_updates", 0)
     if resume.get("world_size", 1) == env.world_size:
         batches.load_state_dict(resume["batches"])
     else:  # shards differ: start the interrupted epoch's new shards from their beginning
@@ -477,6 +519,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
              "opt_g": gan.opt_g.state_dict(), "opt_d": gan.opt_d.state_dict(),
              "batches": batches.state_dict(), "nimg": nimg, "tick": tick,
              "world_size": env.world_size, "best_fid": best_fid, "rollbacks": rollbacks,
+             "d_updates": gan.d_updates,
              "rng_cpu": torch.get_rng_state(),
              "config": cfg.to_dict()}
         if device.type == "cuda":

@@ -40,7 +40,13 @@ from tqdm import tqdm
 from dcgan import checkpoint
 from dcgan.config import Config
 from dcgan.errors import UserError
-from dcgan.models import Discriminator, block_widths, build_discriminator, build_generator
+from dcgan.models import (
+    Discriminator,
+    block_widths,
+    build_discriminator,
+    build_generator,
+    plain_weights,
+)
 
 GRID = 4  # each layer's activations are max-pooled to GRID x GRID, as in the paper
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # weight of 0.5 * |W|^2 beside the mean loss
@@ -406,12 +412,14 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
 
     # the trained D, and the same architecture as it was before its first step:
     # training_loop seeds with train.seed, then builds G, then D
-    d_trained = Discriminator(cfg.model.ndf, nc, resolution)
+    d_trained = build_discriminator(cfg.model, nc, resolution)  # spectral norm if trained so
     d_trained.load_state_dict(state["D"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         build_generator(cfg.model, nc, resolution)
         d_untrained = build_discriminator(cfg.model, nc, resolution)
+    # features of the normalised weights, as D used them (no power iteration at eval)
+    d_trained, d_untrained = plain_weights(d_trained), plain_weights(d_untrained)
 
     # every labelled subset first, so each image's features are computed once
     subsets: dict[tuple[int, int | str], np.ndarray] = {}

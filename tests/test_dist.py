@@ -61,3 +61,20 @@ def test_a_dead_rank_is_restarted_and_resumes(tmp_path):
     assert "restart 1: resuming" in r.stderr
     rows = [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines()]
     assert [row["kimg"] for row in rows] == [0.032, 0.064, 0.096, 0.128]
+
+
+@pytest.mark.slow
+def test_gradient_penalties_train_in_sync_under_ddp(tmp_path):
+    """WGAN-GP and R1 need a double backward, which DDP's forward does not take: they run
+    through the raw D and their gradients join the all-reduced backward. Two gloo
+    processes must end with bit-identical G and D, spectral norm and DiffAugment on."""
+    out = tmp_path / "run"
+    r = torchrun(tmp_path, *TINY, "--kimg", "0.064", "--out", out, "--loss", "wgan-gp",
+                 "--r1-gamma", "1", "--r1-every", "2", "--d-spectral-norm",
+                 "--diffaug", "translation,cutout")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks hold identical G and D weights: True" in r.stderr
+    state = load_state(out / "checkpoint.pt")
+    assert state["nimg"] == 64 and state["d_updates"] == 4
+    assert any("parametrizations.weight.original" in k for k in state["D"])
+
