@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 # Debian packages holding the real data sets (DESIGN.md section 4).
 DEB_DATA := dataset-fashion-mnist fonts-noto-color-emoji
 
-.PHONY: venv data demo test lint clean
+.PHONY: venv data browser demo test lint clean
 
 venv: $(VENV)/.installed
 
@@ -33,10 +33,21 @@ data:
 	  echo "      or pass --dataset PATH (IDX files or an image folder) to dcgan train"; \
 	fi
 
+# Debian's Chromium for the report's browser test (Playwright drives /usr/bin/chromium;
+# it downloads no browser of its own).
+browser:
+	@command -v chromium >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }; \
+	else \
+	  echo "note: chromium missing; install it with: sudo apt-get install chromium"; \
+	fi
+
 demo: venv data
 	$(BIN)/dcgan train --preset fmnist32 --out runs/demo --force
 
-test: venv data
+test: venv data browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from dcgan.errors import UserError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's file-creation mask
+
 
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
@@ -35,6 +38,7 @@ def write(path: str | Path, writer: Callable[[str], None]) -> None:
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

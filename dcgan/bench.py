@@ -37,8 +37,8 @@ from dcgan.config import Config, from_preset
 from dcgan.errors import UserError
 from dcgan.machine import device_label
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
+from dcgan.step import GAN, autocast, build_gan, memory_format, train_step
 from dcgan.timing import clock, in_turns, sync
-from dcgan.train import GAN, autocast, build_gan, memory_format, train_step
 
 # ---------------------------------------------------------------- FLOPs
 
@@ -369,7 +369,7 @@ def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
     it grew while this row was built and warmed up.
     """
     from dcgan.data import load_images
-    from dcgan.train import resolve_device
+    from dcgan.machine import resolve_device
 
     device = resolve_device(device_name)
     plan = ["reference", *[v for v in VARIANTS if not (v == "+fp16" and device.type != "cuda")],
@@ -492,7 +492,7 @@ def profile_default(device_name: str = "auto", batch: int = 64, resolution: int 
     from torch.profiler import ProfilerActivity, profile
 
     from dcgan.data import load_images
-    from dcgan.train import resolve_device
+    from dcgan.machine import resolve_device
 
     device = resolve_device(device_name)
     cfg = from_preset("dcgan64", {"resolution": resolution, "batch": batch,
@@ -529,7 +529,7 @@ def time_extractors(device_name: str = "cpu", batch: int = 32, windows: int = 5,
 
     from dcgan.data import load_images
     from dcgan.features import DomainExtractor, InceptionExtractor, inception_path
-    from dcgan.train import resolve_device
+    from dcgan.machine import resolve_device
 
     device = resolve_device(device_name)
     images = torch.from_numpy(load_images("fashion-mnist", 32, 1, split="test",

@@ -158,7 +158,7 @@ def train_steps(cfg: Config, nc: int, device: torch.device,
 
     Eager even when the run compiles: the ranking of precisions and layouts is
     the kernels', and compiling every candidate would cost minutes."""
-    from dcgan.train import autocast, build_gan, memory_format, train_step
+    from dcgan.step import autocast, build_gan, memory_format, train_step
 
     r = cfg.data.resolution
     steps = {}

@@ -30,6 +30,7 @@ from dcgan.models import Generator
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT = "generator.safetensors"
 BEST = "best.safetensors"  # the snapshot with the lowest FID so far (--eval-every)
+D_INIT = "d_init.safetensors"  # D's weights before its first step (transfer's baseline)
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
@@ -66,6 +67,12 @@ def save_generator(g: Generator, meta: dict[str, Any], path: str | Path) -> None
     atomic.write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
+def save_state_dict(module: torch.nn.Module, path: str | Path) -> None:
+    """A module's state_dict (CPU, contiguous) as safetensors, written atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    atomic.write(Path(path), lambda tmp: save_file(tensors, tmp))
+
+
 def snapshot_path(path: str | Path) -> Path:
     """A run folder or a snapshot file -> the snapshot file."""
     path = Path(path)
@@ -90,6 +97,14 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
         tensors = load_file(str(path))
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise UserError(f"{path} is not a dcgan generator snapshot: {e}") from e
-    g = Generator(meta["nz"], meta["ngf"], meta["nc"], meta["resolution"], meta["g_dropout"])
-    g.load_state_dict(tensors)
+    try:
+        g = Generator(int(meta["nz"]), int(meta["ngf"]), int(meta["nc"]),
+                      int(meta["resolution"]), float(meta["g_dropout"]))
+        g.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
+        # a safetensors file of the right format whose metadata or weights are not a
+        # dcgan G's (missing keys, other shapes): one line, not a traceback
+        what = f"missing metadata {e}" if isinstance(e, KeyError) else (
+            str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} does not hold a dcgan generator: {what}") from e
     return g.to(device).eval(), meta

@@ -1,4 +1,5 @@
-"""The `dcgan` command line: train, sample, eval, bench, transfer, info, export, data.
+"""The `dcgan` command line: train, sample, eval, bench, transfer, info, report, compare,
+export, data.
 
 Every config field is also a flag (`--d-lr 1e-4` sets train.d_lr). Mistakes a
 user can fix end in one line on stderr and exit status 2, never a traceback.
@@ -163,8 +164,30 @@ def _csv(text: str, kind=str) -> tuple:
         raise UserError(f"cannot read {text!r} as a comma-separated list: {e}") from e
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Everything a bench needs, before anything is timed."""
+    from dcgan import data
+
+    for flag, value, low in (("--windows", args.windows, 1), ("--steps", args.steps, 1),
+                             ("--warmup", args.warmup, 0),
+                             ("--denoise-epochs", args.denoise_epochs, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    kinds = _csv(args.data)
+    if set(kinds) - {"real", "synthetic"}:
+        raise UserError(f"--data takes real and/or synthetic, got {args.data!r}")
+    needs_emoji = ("real" in kinds and args.dataset == "emoji"
+                   and not (args.engine or args.generator or args.features))
+    if needs_emoji and not Path(data.EMOJI_FONT).is_file():
+        raise UserError(f"the real-data rows need the emoji font {data.EMOJI_FONT}: "
+                        "run `make data` (Debian fonts-noto-color-emoji) or pass --data "
+                        "synthetic")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dcgan import bench
+
+    check_bench_args(args)
 
     if args.engine:
         return bench_engine(args)
@@ -214,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     from dcgan.transfer import format_table, run_transfer
 
-    labels = [x if x == "all" else int(x) for x in _csv(args.labels)]
+    labels = list(_csv(args.labels))  # counts or "all", checked by run_transfer
     result = run_transfer(args.run, labels, args.source, args.draws, args.device,
                           progress=not args.quiet)
     print(format_table(result))
@@ -229,7 +252,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from dcgan import calibrate, machine
-    from dcgan.train import resolve_device
+    from dcgan.machine import resolve_device
 
     facts = machine.facts()
     cfg = from_preset(args.preset, _overrides(args))
@@ -269,6 +292,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from dcgan.page import build_report
+
+    path = build_report(args.run, args.out)
+    print(f"wrote {path} (open it in a browser; it needs no network)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dcgan.page import compare_runs
+
+    path, table = compare_runs(args.runs, args.out)
+    print(table)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dcgan.export import export_generator
 
@@ -280,7 +320,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def bench_engine(args: argparse.Namespace) -> int:
     """dcgan.engine (both kernels) vs torch autograd on the same DCGAN step, same run."""
     from dcgan.engine.bench import IMPLS, compare_dcgan_steps
-    from dcgan.train import resolve_device
+    from dcgan.machine import resolve_device
 
     device = str(resolve_device(args.device))
     print(f"{'impl':<14} {'batch':>5} {'res':>4} {'s/step':>8} {'img/s':>8} {'x torch':>8}")
@@ -295,8 +335,6 @@ def bench_engine(args: argparse.Namespace) -> int:
                       f"{sec / secs['torch']:>8.2f}")
                 results.append({"name": impl, "device": device, "batch": b, "resolution": r,
                                 "sec_per_step": sec, "img_per_s": b / sec})
-    if args.denoise_epochs < 0:
-        raise UserError(f"--denoise-epochs must be >= 0, got {args.denoise_epochs}")
     if args.denoise_epochs:
         results += bench_denoiser(args.denoise_epochs, device)
     if args.json:
@@ -330,7 +368,7 @@ def bench_denoiser(epochs: int, device: str) -> list[dict]:
 def bench_generator(args: argparse.Namespace) -> int:
     """Generator-only images/s: eager, compiled, TorchScript, ONNX at batch 1 and 256."""
     from dcgan.export import time_generator
-    from dcgan.train import resolve_device
+    from dcgan.machine import resolve_device
 
     rows = time_generator(args.run, batches=_csv(args.gen_batch, int),
                           device=str(resolve_device(args.device)), progress=not args.quiet)
@@ -372,13 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arithmetic", metavar="A:B:C",
                    help="vector arithmetic mean(A) - mean(B) + mean(C) on grid indices of the "
                    "same --n and --seed, e.g. 3,10,22:5,9,40:1,2,8")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_sample)
 
     b = sub.add_parser("bench", help="train-step throughput: reference vs optimisations",
                        description="Measure train-step images/s of the canonical reference, "
                        "each optimisation alone and the default configuration.")
-    b.add_argument("--device", default="auto")
+    b.add_argument("--device", default="auto", help=DEVICE_HELP)
     b.add_argument("--batch", default="64,128", help="comma-separated batch sizes")
     b.add_argument("--resolution", default="64,32", help="comma-separated resolutions")
     b.add_argument("--data", default="synthetic,real", help="synthetic and/or real")
@@ -418,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", default="inception", choices=["inception", "domain"])
     e.add_argument("--n", type=int, default=10000, help="images per side")
     e.add_argument("--json", help="write the result as JSON")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -428,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--source", help="labelled source (default: the run's data set)")
     tr.add_argument("--draws", type=int, default=3, help="label draws (mean and std)")
     tr.add_argument("--json", help="write the result as JSON")
-    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--device", default="auto", help=DEVICE_HELP)
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_transfer)
 
@@ -440,6 +478,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead")
     _add_config_flags(i)
     i.set_defaults(func=cmd_info)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page of a run",
+                        description="Write RUN/report.html: the fixed-noise grid of every "
+                        "tick behind a slider, loss / D-output / FID / speed charts, the "
+                        "config, the machine and the events. Works on a live run too.")
+    rp.add_argument("run", help="run folder")
+    rp.add_argument("--out", help="where to write the page (default RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="several runs on one HTML page",
+                        description="Overlay the runs' curves, show their last grids side by "
+                        "side, and print a table of kimg, img/s and last / best FID.")
+    cp.add_argument("runs", nargs="+", help="two or more run folders")
+    cp.add_argument("--out", default="compare.html", help="where to write the page")
+    cp.set_defaults(func=cmd_compare)
 
     x = sub.add_parser("export", help="export the generator (BatchNorm folded)")
     x.add_argument("run", help="run folder or generator.safetensors")
@@ -459,9 +512,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# output files per subcommand, and whether each must be an image: checked before any work,
+# so an hour of features is never lost to a bad path at the end
+OUTPUT_FLAGS = {"json": False, "chart": True, "profile": False, "preview": True}
+HTML_OUT = ("report", "compare")  # subcommands whose --out is an HTML page
+
+
+def check_output_file(value: str, flag: str, image: bool = False) -> None:
+    """A file we will write at the end: not a folder, an image suffix if it is an image,
+    its folder creatable and writable."""
+    path = Path(value)
+    if value.endswith(os.sep) or path.is_dir():
+        raise UserError(f"{flag} {value} is a folder: give a file name")
+    if image and path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"{flag} {value}: give an image file name ending in .png (or "
+                        f"{', '.join(IMAGE_SUFFIXES[1:])})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {value}: cannot create the folder {path.parent} "
+                        f"({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{flag} {value}: the folder {path.parent} is not writable")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    for name, image in OUTPUT_FLAGS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            check_output_file(value, "--" + name, image)
+    if args.command == "sample":
+        check_output_file(args.out, "--out", image=True)
+    if args.command in HTML_OUT and args.out:
+        check_output_file(args.out, "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
+        if isinstance(getattr(args, "device", None), str):
+            from dcgan.machine import resolve_device
+
+            # one line for "gpu", "cudaX" or CUDA missing; "auto" becomes cuda or cpu
+            args.device = str(resolve_device(args.device))
         return args.func(args)
     except UserError as e:
         print(f"dcgan: error: {e}", file=sys.stderr)

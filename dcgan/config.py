@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +93,8 @@ class TrainConfig:
     eval_n: int = 5000  # generated and reference images per evaluation
     on_nan: str = "stop"  # stop, or rollback: reload the last checkpoint with halved lrs (3x)
     engine: str = "torch"  # torch (autograd) or scratch (dcgan.engine, hand-written backward)
+    report: bool = True  # refresh RUN/report.html at every checkpoint (--report off: never)
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -168,14 +172,20 @@ def coerce(name: str, value: Any, typ: type) -> Any:
                 return int(value)
             except ValueError:
                 pass
-    elif typ is float:
+    elif typ is float:  # finite only: --kimg inf or nan would never end or never start
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            if math.isfinite(value):
+                return float(value)
+            raise UserError(f"config: {name} expects a finite number, got {value!r}")
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                if math.isfinite(number):
+                    return number
+                raise UserError(f"config: {name} expects a finite number, got {value!r}")
     elif name in TRISTATE:  # on / off / auto; booleans of older config files still read
         word = str(value).lower() if isinstance(value, (bool, str)) else ""
         if word in ("1", "true", "yes", "on"):
@@ -272,5 +282,5 @@ def validate(cfg: Config) -> None:
                and t.r1_gamma == 0 and not t.diffaug and not m.d_spectral_norm,
                "engine scratch trains in fp32 with the bce loss, without compile, instance "
                "noise, minimax loss, d_steps > 1, penalties, diffaug or spectral norm")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
            f"device must be auto, cpu, cuda or cuda:N, got {t.device}")

@@ -23,8 +23,6 @@ set are computed once, and each call samples the generator and returns FID/KID.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcgan import __version__
+from dcgan import __version__, atomic
 from dcgan.errors import UserError
 from dcgan.features import (
     FEATURES,
@@ -344,17 +342,7 @@ def _parzen(result: dict[str, Any], sides: list[Side]) -> None:
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write the result as indented JSON, through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def _pm(v: list[float], digits: int = 4) -> str:

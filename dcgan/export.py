@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcgan.checkpoint import load_generator
+from dcgan import atomic
+from dcgan.checkpoint import BEST, CHECKPOINT, SNAPSHOT, load_generator, snapshot_path
 from dcgan.errors import UserError
 from dcgan.models import Generator, init_weights
 from dcgan.timing import clock, counted, in_turns
@@ -148,14 +149,17 @@ class OrtGenerator:
         return torch.from_numpy(self.session.run(None, {"z": z_np})[0])
 
 
-def load_exported(path: str | Path, device: str = "cpu"
+def load_exported(path: str | Path, device: str = "cpu", fmt: str | None = None
                   ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable z (N, nz, 1, 1) tensor -> images tensor for an exported file.
 
+    `fmt` says how to read it; without it the suffix does (.onnx, else TorchScript).
     For tests and the benchmark; users need no dcgan to run an export (README.md, "Export").
     """
     path = Path(path)
-    if path.suffix == ".onnx":
+    if fmt is None:
+        fmt = "onnx" if path.suffix == ".onnx" else "torchscript"
+    if fmt == "onnx":
         ort = _require("onnxruntime")
 
         providers = ["CPUExecutionProvider"]
@@ -167,15 +171,16 @@ def load_exported(path: str | Path, device: str = "cpu"
         return torch.jit.load(str(path), map_location=device)
 
 
-def _check(g: Generator, path: Path, n: int) -> float:
-    """Largest |exported - eager| over n latents; raises if above CHECK_TOLERANCE."""
+def _check(g: Generator, path: Path, n: int, fmt: str) -> float:
+    """Largest |exported - eager| over n latents; a UserError if above CHECK_TOLERANCE."""
     z = torch.randn(n, g.nz, 1, 1, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = g(z)
-        got = load_exported(path)(z)
+        got = load_exported(path, fmt=fmt)(z)
     err = (got - want).abs().max().item()
     if not err <= CHECK_TOLERANCE:
-        raise RuntimeError(f"exported {path} differs from the eager generator by {err:.2e}")
+        raise UserError(f"the exported {fmt} generator differs from the eager one by "
+                        f"{err:.2e} (more than {CHECK_TOLERANCE:g}); nothing was written")
     return err
 
 
@@ -193,16 +198,28 @@ def export_generator(run_or_snapshot: str, fmt: str, out: str,
         raise UserError(f"unknown export format {fmt!r}: choose torchscript or onnx")
     if fmt == "onnx":
         _require("onnx")
-    g, meta = load_generator(run_or_snapshot, "cpu")  # eval mode
     path = Path(out)
     if path.is_dir():
         raise UserError(f"--out {path} is a folder: give a file name such as "
                         f"generator.{'onnx' if fmt == 'onnx' else 'pt'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fold_batchnorm(g), g.nz, fmt, path, batch_dynamic, meta)
-    # without onnxruntime an ONNX file is written unchecked (onnx's checker still ran)
-    if fmt == "torchscript" or importlib.util.find_spec("onnxruntime") is not None:
-        _check(g, path, 3 if batch_dynamic else 1)
+    snapshot = snapshot_path(run_or_snapshot)
+    own = {snapshot.resolve()} | {(snapshot.parent / name).resolve() for name in (
+        SNAPSHOT, CHECKPOINT, BEST)}
+    if path.resolve() in own:
+        raise UserError(f"--out {path} would overwrite the run's own {path.name}: choose "
+                        "another file name")
+    g, meta = load_generator(snapshot, "cpu")  # eval mode
+
+    def write_and_verify(tmp: str) -> None:
+        # the format decides how the file is written and read back, whatever its suffix;
+        # without onnxruntime an ONNX file is kept unchecked (onnx's checker still ran)
+        _save(fold_batchnorm(g), g.nz, fmt, Path(tmp), batch_dynamic, meta)
+        if fmt == "torchscript" or importlib.util.find_spec("onnxruntime") is not None:
+            _check(g, Path(tmp), 3 if batch_dynamic else 1, fmt)
+
+    # written beside the target and renamed only once verified: a failed export leaves
+    # no file behind, and an old file at `out` stays whole
+    atomic.write(path, write_and_verify)
     return path
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dcgan import atomic
 from dcgan.errors import UserError
 from dcgan.inception import FidInception
 
@@ -366,21 +365,9 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
     }
     weights, meta = classifier_paths(source, resolution, channels, cache_dir)
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    _atomic(weights, lambda p: save_file(tensors, p))
-    _atomic(meta, lambda p: Path(p).write_text(json.dumps(record, indent=2) + "\n"))
+    atomic.write(weights, lambda p: save_file(tensors, p))
+    atomic.write_text(meta, json.dumps(record, indent=2) + "\n")
     return record
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class DomainExtractor(Extractor):
@@ -408,16 +395,26 @@ class DomainExtractor(Extractor):
                     record = None  # an older recipe: retrain rather than mix
             except (OSError, json.JSONDecodeError):
                 record = None
+        state = None
+        if record is not None:
+            try:
+                state = load_file(str(weights))
+                DomainNet(int(record["channels"]), int(record["classes"])).load_state_dict(state)
+            except Exception as e:  # a damaged cached file (safetensors' error type, etc.)
+                print(f"warning: the cached classifier {weights} is damaged ({type(e).__name__})"
+                      "; training it again", file=sys.stderr)
+                record = state = None
         if record is None:
             if progress:
                 print(f"training the {source} domain classifier at {resolution}px "
                       f"(once; cached in {weights.parent})", file=sys.stderr)
             record = train_classifier(source, resolution, channels, cache_dir, progress=progress)
+            state = load_file(str(weights))
         self.record = record
         self.device = torch.device(device)
         self.nc = int(record["channels"])
         self.net = DomainNet(self.nc, int(record["classes"]))
-        self.net.load_state_dict(load_file(str(weights)))
+        self.net.load_state_dict(state)
         self.net.to(self.device).eval()
         digest = sha256_file(weights)[:8]
         self.name = f"domain-{source}-{resolution}px-{self.nc}ch-{digest}"

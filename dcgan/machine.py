@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from typing import Any
 
 import torch
+
+from dcgan.errors import UserError
 
 
 def cpu_model() -> str:
@@ -103,3 +106,15 @@ def facts() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "gpus": gpus(),
     }
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N -> a device that exists here; anything else is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available here")
+    return device

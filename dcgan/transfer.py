@@ -14,8 +14,8 @@ baselines beside it, all with the same labelled subsets and test split:
   (D's body + a linear head on the same pooled features): what the GAN's
   unlabelled data bought over using the labels directly.
 
-The classifier is multinomial logistic regression, fitted with scipy's L-BFGS
-(no extra dependency) on standardised features; its L2 weight is chosen on a
+The classifier is scikit-learn's multinomial logistic regression (L-BFGS) on
+standardised features (`StandardScaler`); its L2 weight is chosen on a
 stratified 20 % of the labelled subset held out for validation, then the model
 is refitted on the whole subset. Accuracies are mean and standard deviation
 over `draws` independent label draws.
@@ -27,6 +27,7 @@ import contextlib
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm import tqdm
 
@@ -114,64 +120,6 @@ def extract(d: Discriminator, images: np.ndarray, device: str | torch.device = "
 # --------------------------------------------------------------------- classifier
 
 
-def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Zero mean, unit variance per feature, with statistics of `train` only.
-
-    Features constant over `train` (dead units) get scale 1 instead of 1/0.
-    """
-    mean = train.mean(0)
-    std = train.std(0, unbiased=False)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    return [(t - mean) / std for t in (train, *others)]
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
-                 max_iter: int = 100, init: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression: minimise mean cross-entropy + l2/2 |W|^2.
-
-    x: (n, F) float32, y: (n,) int64 in [0, n_classes). Returns W (F, K), b (K,);
-    the bias is not penalised. `init` (W, b) warm-starts the optimiser (from the
-    solution for a nearby l2; the problem is convex, so only the time changes).
-    scipy's L-BFGS on numpy arrays: the objective is smooth and convex, and
-    scipy's loop costs far less per iteration than torch.optim.LBFGS's many small
-    tensor ops (20 s against well under 1 s for a 100 x 30 problem on these busy
-    2 cores). The stopping rule (at most 100 iterations, projected gradient below
-    1e-5) is about scikit-learn's default for the same solver; on 8,000 x 3,584
-    D features, 300 iterations to 1e-6 took about 5 minutes per feature kind and
-    L2 grid here.
-    """
-    from scipy.optimize import minimize
-
-    xs = x.numpy().astype(np.float32, copy=False)  # (n, F)
-    n, dim = xs.shape
-    onehot = np.zeros((n, n_classes), dtype=np.float64)
-    onehot[np.arange(n), y.numpy()] = 1.0
-
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = theta[:dim * n_classes].reshape(dim, n_classes)  # (F, K)
-        b = theta[dim * n_classes:]  # (K,)
-        logits = (xs @ w.astype(np.float32)).astype(np.float64) + b  # (n, K)
-        logits -= logits.max(1, keepdims=True)  # stable softmax; the loss is unchanged
-        log_z = np.log(np.exp(logits).sum(1, keepdims=True))
-        loss = (log_z[:, 0] - (logits * onehot).sum(1)).mean() + 0.5 * l2 * (w * w).sum()
-        resid = (np.exp(logits - log_z) - onehot) / n  # d loss / d logits, (n, K)
-        grad_w = (xs.T @ resid.astype(np.float32)).astype(np.float64) + l2 * w
-        return float(loss), np.concatenate([grad_w.ravel(), resid.sum(0)])
-
-    theta0 = np.zeros(dim * n_classes + n_classes)
-    if init is not None:
-        theta0 = np.concatenate([init[0].numpy().ravel(), init[1].numpy()]).astype(np.float64)
-    res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": max_iter, "gtol": 1e-5})
-    w = torch.from_numpy(res.x[:dim * n_classes].reshape(dim, n_classes).astype(np.float32))
-    return w, torch.from_numpy(res.x[dim * n_classes:].astype(np.float32))
-
-
-def predict(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x @ w + b).argmax(1)
-
-
 def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Positions (fit, val) into y: about `fraction` of each class held out, but never
@@ -190,15 +138,9 @@ def blas_threads(work: float):
 
     L-BFGS on a few hundred examples is a stream of tiny vector operations; a
     multi-threaded OpenBLAS wakes its threads for each, and on a busy machine
-    that cost 12 s instead of 0.03 s for a 36-iteration fit here. threadpoolctl
-    (a small pure-Python package) sets the limit when installed; without it the
-    fits are the same, only slower on busy machines. work: n * features.
+    that cost 12 s instead of 0.03 s for a 36-iteration fit here. work: n * features.
     """
     if work > 5e7:  # e.g. 10,000 x 15,360: each matrix product is worth its threads
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -208,36 +150,38 @@ def linear_probe(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tenso
                  ) -> tuple[float, float]:
     """Test accuracy of the linear classifier and its chosen L2 weight.
 
+    scikit-learn's multinomial LogisticRegression (L-BFGS, at most 100 iterations,
+    the bias unpenalised) on StandardScaler'd features. Its objective is
+    C * sum(loss) + |W|^2 / 2, i.e. mean(loss) + l2/2 |W|^2 with C = 1 / (l2 n).
+    l2 is chosen on a stratified validation split from L2_GRID, strongest penalty
+    first, each fit warm-started from the last (the weakly penalised fits on
+    thousands of examples are the slow ones; this way they start near their answer).
     x_train (n, F), x_test (m, F); labels int in [0, n_classes) (test labels of
     classes absent from training may be -1: always wrong).
     """
     with blas_threads(x_train.shape[0] * x_train.shape[1]):
-        return _linear_probe(x_train, y_train, x_test, y_test, n_classes, rng)
-
-
-def _linear_probe(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor,
-                  y_test: np.ndarray, n_classes: int, rng: np.random.Generator
-                  ) -> tuple[float, float]:
-    y_tr = torch.as_tensor(y_train, dtype=torch.int64)
-    fit, val = stratified_split(y_train, VAL_FRACTION, rng)
-    l2, init = 1e-2, None  # no class has two examples: nothing to validate on, take the middle
-    if len(val):
-        xf, xv = standardise(x_train[fit], x_train[val])
-        scores, solutions = {}, {}
-        # strongest penalty first, each fit warm-started from the previous one: the
-        # weakly penalised fits on thousands of examples are the slow ones, and this
-        # way they start next to their answer
-        grid = sorted(L2_GRID, reverse=True)
-        for lam in grid:
-            init = fit_logistic(xf, y_tr[fit], n_classes, lam, init=init)
-            solutions[lam] = init
-            scores[lam] = (predict(*init, xv) == y_tr[val]).float().mean().item()
-        l2 = max(grid, key=lambda lam: scores[lam])  # ties: the first, the strongest penalty
-        init = solutions[l2]
-    xt, xs = standardise(x_train, x_test)
-    w, b = fit_logistic(xt, y_tr, n_classes, l2, init=init)
-    acc = (predict(w, b, xs) == torch.as_tensor(y_test)).float().mean().item()
-    return acc, l2
+        fit, val = stratified_split(y_train, VAL_FRACTION, rng)
+        xs = x_train.numpy()
+        l2 = 1e-2  # no class has two examples: nothing to validate on, take the middle
+        clf = LogisticRegression(max_iter=100, warm_start=True)
+        if len(val):
+            scaler = StandardScaler().fit(xs[fit])
+            xf, xv = scaler.transform(xs[fit]), scaler.transform(xs[val])
+            scores = {}
+            for lam in sorted(L2_GRID, reverse=True):
+                clf.set_params(C=1.0 / (lam * len(fit)))
+                with warnings.catch_warnings():  # 100 iterations is the budget, by design
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    clf.fit(xf, y_train[fit])
+                scores[lam] = float((clf.predict(xv) == y_train[val]).mean())
+            l2 = max(sorted(L2_GRID, reverse=True), key=lambda lam: scores[lam])  # ties: strongest
+        scaler = StandardScaler().fit(xs)
+        final = LogisticRegression(C=1.0 / (l2 * len(xs)), max_iter=100)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            final.fit(scaler.transform(xs), y_train)
+        pred = final.predict(scaler.transform(x_test.numpy()))
+    return float((pred == np.asarray(y_test)).mean()), l2
 
 
 # --------------------------------------------------------------------- supervised baseline
@@ -331,7 +275,7 @@ def classify(model: SupervisedD, images: np.ndarray, device: str | torch.device 
 def _parse_label_counts(labels: Iterable[int | str]) -> list[int | str]:
     out: list[int | str] = []
     for n in labels:
-        if isinstance(n, str) and n.strip().lower() == "all":
+        if isinstance(n, str) and n.strip() == "all":
             out.append("all")
             continue
         try:
@@ -394,7 +338,9 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
     state = checkpoint.load_state(run / checkpoint.CHECKPOINT)
     cfg = Config.from_dict(state["config"])
     resolution = cfg.data.resolution
-    nc = state["D"]["main.0.weight"].shape[1]  # D's first conv: (ndf, nc, 4, 4)
+    d_first = state["D"].get("main.0.weight",  # D's first conv: (ndf, nc, 4, 4)
+                             state["D"].get("main.0.parametrizations.weight.original"))
+    nc = d_first.shape[1]
     src = source or cfg.data.dataset
 
     train = load_images(src, resolution, nc, "train", cfg.data.cache_dir, progress)
@@ -414,10 +360,14 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
     # training_loop seeds with train.seed, then builds G, then D
     d_trained = build_discriminator(cfg.model, nc, resolution)  # spectral norm if trained so
     d_trained.load_state_dict(state["D"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        build_generator(cfg.model, nc, resolution)
-        d_untrained = build_discriminator(cfg.model, nc, resolution)
+    d_untrained = build_discriminator(cfg.model, nc, resolution)
+    if (run / checkpoint.D_INIT).is_file():  # recorded by training before its first step
+        d_untrained.load_state_dict(load_file(str(run / checkpoint.D_INIT)))
+    else:  # runs from before that file existed: replay training_loop's seeding (G, then D)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            build_generator(cfg.model, nc, resolution)
+            d_untrained = build_discriminator(cfg.model, nc, resolution)
     # features of the normalised weights, as D used them (no power iteration at eval)
     d_trained, d_untrained = plain_weights(d_trained), plain_weights(d_untrained)
 
@@ -477,7 +427,7 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
         "classes": k, "n_train_split": len(y_train), "n_test": len(y_test), "draws": draws,
         "feature_dims": {"d": feature_dim(cfg.model.ndf, resolution),
                          "pixels": nc * resolution * resolution},
-        "classifier": "multinomial logistic regression (scipy L-BFGS) on standardised "
+        "classifier": "multinomial logistic regression (scikit-learn L-BFGS) on standardised "
                       "features; "
                       f"L2 weight from {list(L2_GRID)} on a stratified {VAL_FRACTION:.0%} "
                       "validation split of the labelled images",

@@ -20,20 +20,18 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    """One cache folder for the whole session: data arrays, the domain classifier and
+    the `auto` calibration are built once, never read from the user's ~/.cache."""
+    return tmp_path_factory.mktemp("dcgan-cache")
+
+
 @pytest.fixture(autouse=True)
-def _hermetic_cache(tmp_path_factory, monkeypatch):
-    """No test reads or writes the user's ~/.cache: one cache folder for the session
-    (tests that need an empty one set DCGAN_CACHE themselves)."""
-    monkeypatch.setenv("DCGAN_CACHE", str(_session_cache(tmp_path_factory)))
-
-
-_CACHE: list = []
-
-
-def _session_cache(tmp_path_factory):
-    if not _CACHE:
-        _CACHE.append(tmp_path_factory.mktemp("dcgan-cache"))
-    return _CACHE[0]
+def _hermetic_cache(session_cache, monkeypatch):
+    """No test reads or writes the user's ~/.cache (tests that need an empty cache set
+    DCGAN_CACHE themselves)."""
+    monkeypatch.setenv("DCGAN_CACHE", str(session_cache))
 
 
 @pytest.fixture

@@ -93,3 +93,72 @@ def test_data_info(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert "images:" in out and "3 x 32 x 32" in out
     assert (tmp_path / "p.png").is_file()
+
+
+# -- one line, never a traceback: each user mistake of the issue list ------------------------
+
+
+def _one_line(argv, capsys, match):
+    from dcgan.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert "Traceback" not in err and err.count("\n") == 1, (argv, err)
+    assert err.startswith("dcgan: error:") and match in err, (argv, err)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["transfer", "{run}", "--labels", "abc"], "'abc' is neither a number"),
+    (["transfer", "{run}", "--labels", "ALL"], "'ALL' is neither a number"),
+    (["train", "--kimg", "inf", "--dry-run"], "kimg expects a finite number"),
+    (["train", "--kimg", "nan", "--dry-run"], "kimg expects a finite number"),
+    (["train", "--device", "gpu", "--dry-run"], "device must be auto, cpu, cuda or cuda:N"),
+    (["train", "--device", "cudaX", "--dry-run"], "device must be auto, cpu, cuda or cuda:N"),
+    (["sample", "{run}", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["eval", "{run}", "fashion-mnist:test", "--device", "cudaX"], "--device must be"),
+    (["transfer", "{run}", "--device", "gpu"], "--device must be"),
+    (["bench", "--device", "gpu"], "--device must be"),
+    (["sample", "{run}", "--out", "{tmp}/grid"], "give an image file name ending in .png"),
+    (["data", "info", "fake", "--preview", "{tmp}/p"], "give an image file name"),
+    (["eval", "{run}", "fashion-mnist:test", "--json", "{tmp}"], "is a folder"),
+    (["eval", "{run}", "fashion-mnist:test", "--json", "{tmp}/file.txt/x.json"],
+     "cannot create the folder"),
+    (["bench", "--windows", "0"], "--windows must be >= 1, got 0"),
+    (["bench", "--engine", "--denoise-epochs", "-1"], "--denoise-epochs must be >= 0"),
+])
+def test_user_mistakes_end_in_one_line(tmp_path, capsys, argv, match):
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "file.txt").write_text("not a folder")
+    argv = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp_path)) for a in argv]
+    _one_line(argv, capsys, match)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("argv", [["train", "--dry-run"], ["sample", "{run}"],
+                                  ["eval", "{run}", "fashion-mnist:test"], ["transfer", "{run}"],
+                                  ["bench"], ["info"]])
+def test_device_cuda_without_cuda_is_one_line_for_every_subcommand(tmp_path, capsys, argv):
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = [a.replace("{run}", str(run)) for a in argv] + ["--device", "cuda"]
+    _one_line(argv, capsys, "CUDA is not available")
+
+
+def test_a_snapshot_with_the_wrong_keys_or_metadata_is_one_line(tmp_path, capsys):
+    import json as json_
+
+    import torch
+    from safetensors.torch import save_file
+
+    wrong_keys = tmp_path / "wrong-keys.safetensors"
+    meta = {"nz": 16, "ngf": 8, "nc": 1, "resolution": 32, "g_dropout": 0.0, "kimg": 0.0,
+            "dataset": "fake"}
+    save_file({"w": torch.zeros(2)}, wrong_keys, metadata={"dcgan": json_.dumps(meta)})
+    _one_line(["sample", wrong_keys, "--out", tmp_path / "s.png"], capsys,
+              "does not hold a dcgan generator")
+    no_nz = tmp_path / "no-nz.safetensors"
+    save_file({"w": torch.zeros(2)}, no_nz, metadata={"dcgan": json_.dumps(
+        {k: v for k, v in meta.items() if k != "nz"})})
+    _one_line(["sample", no_nz, "--out", tmp_path / "s.png"], capsys, "missing metadata 'nz'")

@@ -78,3 +78,37 @@ def test_gradient_penalties_train_in_sync_under_ddp(tmp_path):
     assert state["nimg"] == 64 and state["d_updates"] == 4
     assert any("parametrizations.weight.original" in k for k in state["D"])
 
+
+
+SYNC_CHECK = """
+import torch
+from dcgan.dist import cleanup, setup, weights_in_sync
+env, _ = setup(torch.device("cpu"))
+torch.manual_seed(0)
+net = torch.nn.Linear(4, 3)
+same = weights_in_sync([net], env)
+with torch.no_grad():  # rank 1 swaps two entries: same values, other places
+    if env.rank == 1:
+        w = net.weight
+        w[0, 0], w[0, 1] = w[0, 1].clone(), w[0, 0].clone()
+swapped = weights_in_sync([net], env)
+with torch.no_grad():
+    if env.rank == 1:
+        net.bias[2] += 1e-6
+nudged = weights_in_sync([net], env)
+print(f"rank {env.rank}: {same} {swapped} {nudged}", flush=True)
+cleanup(env)
+"""
+
+
+def test_weights_in_sync_tells_identical_from_different_weights(tmp_path):
+    script = tmp_path / "sync_check.py"
+    script.write_text(SYNC_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # identical -> True; two entries swapped on one rank -> False; one bias moved -> False
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: True False False", "rank 1: True False False"]

@@ -52,8 +52,8 @@ needs_inception = pytest.mark.skipif(not _has_inception(),
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("dcgan-cache")
+def cache_dir(session_cache) -> Path:
+    return session_cache  # conftest's: the classifier is trained once per session
 
 
 @pytest.fixture(autouse=True)
@@ -405,3 +405,53 @@ def test_bad_requests(tmp_path):
     b = _snapshot(tmp_path / "b", resolution=64)
     with pytest.raises(UserError, match="different images"):
         evaluate(str(a), str(b), ["fid"], "inception", n=100, progress=False)
+
+
+# -- A/B wiring: which side is which -----------------------------------------------------------
+
+
+def _idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """Write (N, 28, 28) uint8 images and labels as IDX files (train and test split)."""
+    import struct
+
+    folder.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        with open(folder / f"{split}-images-idx3-ubyte", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
+        with open(folder / f"{split}-labels-idx1-ubyte", "wb") as f:
+            f.write(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+    return folder
+
+
+@needs_fmnist
+def test_ab_wiring_one_class_against_all_classes(tmp_path):
+    """A = 200 trousers, B = the whole test split: A lies on B's manifold (high precision)
+    but covers little of it (low recall); swapped, the two swap. Parzen's kernels sit on A."""
+    import gzip
+
+    root = FMNIST.parent
+    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
+        test = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    one = _idx_folder(tmp_path / "trousers", test[labels == 1][:200], labels[labels == 1][:200])
+    ab = evaluate(str(one), "fashion-mnist:test", ["pr", "parzen"], "domain", n=300,
+                  progress=False)
+    ba = evaluate("fashion-mnist:test", str(one), ["pr"], "domain", n=300, progress=False)
+    assert ab["n"] == {"a": 200, "b": 300}
+    assert ab["precision"] > 0.8 and ab["recall"] < 0.3, ab
+    assert ba["precision"] < 0.3 and ba["recall"] > 0.8, ba
+    assert ab["parzen_n"] == {"kernels": 200, "validation": 150, "test": 150}
+
+
+@needs_fmnist
+def test_ab_wiring_noise_scores_low_and_parzen_rewards_the_data(domain):
+    noise = evaluate("fake", "fashion-mnist:test", ["is", "parzen"], "domain", n=300,
+                     progress=False)
+    real = evaluate("fashion-mnist:train", "fashion-mnist:test", ["is", "parzen"], "domain",
+                    n=300, progress=False)
+    # the classifier score is A's: noise is neither confident nor diverse in classes
+    assert noise["classifier_score"][0] < 0.4 * noise["classifier_score_b"][0]
+    assert real["classifier_score"][0] > 0.8 * real["classifier_score_b"][0]
+    # kernels on A score B's held-out half: data kernels explain data far better than noise
+    assert real["parzen"][0] > noise["parzen"][0] + 100

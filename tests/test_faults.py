@@ -78,12 +78,18 @@ def test_sigkill_at_random_moments_then_sigterm_and_sigint(tmp_path):
             assert proc.returncode == 0, err[-2000:]
             assert "stopped early; continue with --resume" in err
         state = load_state(ckpt)  # whole and verified, never half-written
-        assert state["nimg"] >= seen and state["nimg"] % 16 == 0
+        assert state["nimg"] >= seen
         seen = state["nimg"]
-        if sig != signal.SIGKILL:  # saved at the stop: stats end exactly there
-            assert stats_kimg(run)[-1] * 1000 <= seen
+        last = round(stats_kimg(run)[-1] * 1000)
+        if sig == signal.SIGKILL:
+            # loses at most --checkpoint-ticks (1) tick of 16 images: a kill between a
+            # tick's stats line and its checkpoint leaves the stats one tick ahead
+            assert 0 <= last - seen <= 16, (last, seen)
+        else:  # saved at the stop: stats end exactly there
+            assert last == seen
     kimg = stats_kimg(run)
-    assert kimg == sorted(set(kimg))  # lines from after a checkpoint were dropped, no repeats
+    # contiguous: lines from after a checkpoint were dropped on resume, none repeated or lost
+    assert kimg == [round(0.016 * t, 3) for t in range(1, len(kimg) + 1)]
     assert not list(run.glob(".*.tmp"))  # temporaries of killed writes were swept
 
 

@@ -147,3 +147,40 @@ def test_run_transfer_user_errors(tmp_path):
         run_transfer(str(run), labels=["many"], progress=False)
     with pytest.raises(UserError, match="no training state"):
         run_transfer(str(tmp_path), labels=[10], progress=False)
+
+
+def test_untrained_d_baseline_is_d_before_its_first_step(tmp_path, monkeypatch):
+    """Capture D at the first step of a real training_loop: the run's d_init.safetensors
+    holds exactly it, and so does the replayed seeding used for older runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    import dcgan.train as train_module
+    from dcgan.config import from_preset
+    from dcgan.models import build_discriminator, build_generator
+
+    seen = {}
+    real_step = train_module.train_step
+
+    def spy(gan, *args, **kwargs):
+        seen.setdefault("D", {k: v.clone() for k, v in gan.D.state_dict().items()})
+        return real_step(gan, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", spy)
+    cfg = from_preset("fmnist32", {"dataset": "fake", "channels": 1, "ngf": 8, "ndf": 8,
+                                   "nz": 16, "batch": 16, "kimg": 0.032, "tick_kimg": 0.016,
+                                   "precision": "fp32", "channels_last": "on", "seed": 5})
+    out = tmp_path / "run"
+    train_module.prepare_run_dir(out, cfg, force=False)
+    train_module.training_loop(cfg, out, progress=False)
+    recorded = load_file(str(out / checkpoint.D_INIT))
+    assert set(recorded) == set(seen["D"])
+    assert all(torch.equal(recorded[k], seen["D"][k]) for k in recorded)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        build_generator(cfg.model, 1, 32)
+        replayed = build_discriminator(cfg.model, 1, 32).state_dict()
+    assert all(torch.equal(replayed[k], seen["D"][k]) for k in recorded)
+    # and the trained D moved away from it
+    trained = checkpoint.load_state(out / checkpoint.CHECKPOINT)["D"]
+    assert not torch.equal(trained["main.0.weight"], recorded["main.0.weight"])
