@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 # Debian packages holding the real data sets (DESIGN.md section 4).
 DEB_DATA := dataset-fashion-mnist fonts-noto-color-emoji
 
-.PHONY: venv data browser demo test lint clean
+.PHONY: venv data browser postgres demo test lint clean
 
 venv: $(VENV)/.installed
 
@@ -44,10 +44,21 @@ browser:
 	  echo "note: chromium missing; install it with: sudo apt-get install chromium"; \
 	fi
 
+# Debian's PostgreSQL for the shared-study test of `dcgan tune` (the test starts a server
+# of its own on 127.0.0.1 from these binaries and removes it afterwards).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null; }; \
+	else \
+	  echo "note: PostgreSQL missing; install it with: sudo apt-get install postgresql"; \
+	fi
+
 demo: venv data
 	$(BIN)/dcgan train --preset fmnist32 --out runs/demo --force
 
-test: venv data browser
+test: venv data browser postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

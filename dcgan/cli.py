@@ -1,5 +1,5 @@
-"""The `dcgan` command line: train, sample, eval, bench, transfer, info, report, compare,
-export, data.
+"""The `dcgan` command line: train, sample, eval, bench, transfer, tune, info, report,
+compare, export, data.
 
 Every config field is also a flag (`--d-lr 1e-4` sets train.d_lr). Mistakes a
 user can fix end in one line on stderr and exit status 2, never a traceback.
@@ -89,7 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "or config.json)")
         out = run
     else:
-        cfg = from_preset(args.preset, overrides)
+        # --config FILE (e.g. dcgan tune's best.json) replaces the preset; flags override it
+        cfg = (apply_overrides(load_json(args.config), overrides) if args.config
+               else from_preset(args.preset, overrides))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{stamp}"
     if args.dry_run:
@@ -292,6 +294,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from dcgan import tune
+
+    if args.summary:
+        print(tune.summary(args.summary, args.storage))
+        return 0
+    if not args.out:
+        raise UserError("dcgan tune needs --out STUDY_FOLDER (or --summary STUDY_FOLDER)")
+    if args.trials < 1 or args.kimg <= 0 or args.eval_every <= 0:
+        raise UserError("--trials must be >= 1, --kimg and --eval-every > 0")
+    fixed = tune.parse_fix(args.fix)
+    base = from_preset(args.preset, fixed)  # unknown or bad --fix values: the config's message
+    space = tune.load_space(args.space, fixed, base)
+    settings = tune.Settings(args.preset, args.trials, args.kimg, args.eval_features,
+                             args.eval_n, args.eval_every, args.pruner, args.seed, args.device)
+    print(f"searching {len(space)} parameters: " + "; ".join(p.describe() for p in space),
+          file=sys.stderr)
+    tune.tune(args.out, settings, space, fixed, args.storage, not args.quiet,
+              args.heartbeat, 3 * args.heartbeat)
+    print(tune.summary(args.out, args.storage))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dcgan.page import build_report
 
@@ -389,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a DCGAN",
                        description="Train a DCGAN. Every config field is a flag.")
     t.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--config", metavar="FILE.json",
+                   help="a config file (config.json of a run, dcgan tune's best.json) instead "
+                   "of --preset; flags given with it override it")
     t.add_argument("--out", help="run folder (default runs/PRESET-DATE)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run (optionally --kimg TOTAL)")
     t.add_argument("--force", action="store_true", help="overwrite a run folder in use")
@@ -478,6 +506,33 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead")
     _add_config_flags(i)
     i.set_defaults(func=cmd_info)
+
+    tu = sub.add_parser("tune", help="hyper-parameter search with Optuna",
+                        description="Run an Optuna study whose trials are ordinary run folders "
+                        "under --out; FID of G-EMA is the objective. Start the same command on "
+                        "several machines with one --storage URL to share the study.")
+    tu.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
+    tu.add_argument("--out", help="the study folder (trials, study.db, best.json, plots)")
+    tu.add_argument("--trials", type=int, default=40, help="trials in the study, all workers")
+    tu.add_argument("--kimg", type=float, default=60.0, help="length of each trial")
+    tu.add_argument("--eval-every", type=float, default=10.0,
+                    help="kimg between the FIDs reported to the pruner")
+    tu.add_argument("--eval-features", default="domain", choices=["domain", "inception"])
+    tu.add_argument("--eval-n", type=int, default=2000, help="images per FID")
+    tu.add_argument("--pruner", default="median", choices=["median", "hyperband"])
+    tu.add_argument("--space", metavar="FILE.json", help="replace or narrow the search space")
+    tu.add_argument("--fix", action="append", default=[], metavar="KEY=VALUE",
+                    help="pin a config field (repeatable)")
+    tu.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    tu.add_argument("--storage", help="an SQLAlchemy URL, e.g. postgresql://user@host/db "
+                    "(default: sqlite in the study folder)")
+    tu.add_argument("--summary", metavar="STUDY", help="print a study's results and exit")
+    tu.add_argument("--heartbeat", type=int, default=20,
+                    help="seconds between a worker's heartbeats (a dead worker's trial is "
+                    "retried after 3 of them)")
+    tu.add_argument("--device", default="auto", help=DEVICE_HELP)
+    tu.add_argument("--quiet", action="store_true")
+    tu.set_defaults(func=cmd_tune)
 
     rp = sub.add_parser("report", help="one self-contained HTML page of a run",
                         description="Write RUN/report.html: the fixed-noise grid of every "
