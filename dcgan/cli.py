@@ -94,6 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                else from_preset(args.preset, overrides))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{stamp}"
+    from dcgan.machine import resolve_device
+
+    resolve_device(cfg.train.device)  # --device cuda without CUDA: one line, before any work
     if args.dry_run:
         print(cfg.to_json())
         return 0
@@ -309,8 +312,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     space = tune.load_space(args.space, fixed, base)
     settings = tune.Settings(args.preset, args.trials, args.kimg, args.eval_features,
                              args.eval_n, args.eval_every, args.pruner, args.seed, args.device)
-    print(f"searching {len(space)} parameters: " + "; ".join(p.describe() for p in space),
-          file=sys.stderr)
     tune.tune(args.out, settings, space, fixed, args.storage, not args.quiet,
               args.heartbeat, 3 * args.heartbeat)
     print(tune.summary(args.out, args.storage))

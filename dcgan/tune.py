@@ -178,21 +178,29 @@ def storage_for(out: Path, url: str | None, heartbeat: int = 20, grace: int = 60
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = url or f"sqlite:///{(out / DB).resolve()}"
-    try:
-        with _quiet_optuna():
-            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=2))
-    except (ImportError, ModuleNotFoundError) as e:
-        raise UserError(f"--storage {url}: {e} (for PostgreSQL: pip install psycopg2-binary)"
-                        ) from None
-    except Exception as e:  # sqlalchemy's OperationalError: wrong host, port, password
-        if type(e).__module__.startswith(("sqlalchemy", "psycopg")):
+    for attempt in range(6):
+        try:
+            with _quiet_optuna():
+                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                  heartbeat_stale_trial_callback=(
+                                      RetryHeartbeatStaleTrialCallback(max_retry=2)))
+        except ImportError as e:
+            cause = f" ({e.__cause__})" if e.__cause__ else ""
+            raise UserError(f"--storage {url}: no database driver{cause}; for PostgreSQL: "
+                            "pip install 'dcgan[postgres]'") from None
+        except Exception as e:  # sqlalchemy's errors: host, port, password, or a race
+            if not type(e).__module__.startswith(("sqlalchemy", "psycopg")):
+                raise
+            if "IntegrityError" in type(e).__name__ and attempt < 5:
+                # workers starting at once on a new database race to create Optuna's
+                # tables; the loser finds them made a moment later
+                time.sleep(0.5 * (attempt + 1))
+                continue
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(f"--storage {url}: cannot connect ({first})") from None
-        raise
-    finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        finally:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+    raise UserError(f"--storage {url}: cannot create the study's tables")
 
 
 class _quiet_optuna:
@@ -234,7 +242,9 @@ def trial_folder(out: Path, trial) -> Path:
     """The run folder of a trial; a retry of a killed trial reuses the original's folder."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    # the retry chain is in the stored (frozen) trial's system attributes
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
     return out / f"trial-{(history[0] if history else trial.number):04d}"
 
 
@@ -325,6 +335,9 @@ def tune(out: str | Path, settings: Settings, space: tuple[Param, ...], fixed: d
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(out, settings, storage_for(out, storage_url, heartbeat, grace))
+    if progress:
+        print(f"searching {len(space)} parameters: " + "; ".join(p.describe() for p in space),
+              file=sys.stderr)
     bar = tqdm(total=settings.trials, initial=min(counted(study)[0], settings.trials),
                desc="tune", unit="trial", disable=not progress, dynamic_ncols=True)
 

@@ -439,8 +439,8 @@ def test_ab_wiring_one_class_against_all_classes(tmp_path):
                   progress=False)
     ba = evaluate("fashion-mnist:test", str(one), ["pr"], "domain", n=300, progress=False)
     assert ab["n"] == {"a": 200, "b": 300}
-    assert ab["precision"] > 0.8 and ab["recall"] < 0.3, ab
-    assert ba["precision"] < 0.3 and ba["recall"] > 0.8, ba
+    assert ab["precision"] >= 0.7 and ab["recall"] < 0.3, ab
+    assert ba["precision"] < 0.3 and ba["recall"] >= 0.7, ba
     assert ab["parzen_n"] == {"kernels": 200, "validation": 150, "test": 150}
 
 
