@@ -181,7 +181,8 @@ def _machine_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1100px;
+       color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 .status { display: inline-block; padding: 0.1em 0.6em; border-radius: 0.6em; color: white; }
 .finished { background: #2a7d2a; } .running { background: #1f5fa8; }

@@ -440,12 +440,12 @@ def _plots(study, out: Path) -> list[str]:
     for name, draw in (("history", ovm.plot_optimization_history),
                        ("importances", ovm.plot_param_importances), ("slice", ovm.plot_slice)):
         try:
-            with _quiet_optuna():
+            with _quiet_optuna():  # experimental-API and tight_layout warnings
                 ax = draw(study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(max(8, fig.get_size_inches()[0]), 4.5)
-            fig.tight_layout()
-            fig.savefig(out / f"tune-{name}.png", dpi=90)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.set_size_inches(max(8, fig.get_size_inches()[0]), 4.5)
+                fig.tight_layout()
+                fig.savefig(out / f"tune-{name}.png", dpi=90)
             plt.close(fig)
             written.append(f"wrote {out / f'tune-{name}.png'}")
         except (ValueError, RuntimeError, ImportError) as e:

@@ -165,7 +165,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_scratch_engine_run(tmp_path):
     # `dcgan train --engine scratch`: same loop, artefacts and resume on dcgan.engine
     out = tmp_path / "run"
-    last = run(out, kimg=0.032, engine="scratch", ema_kimg=0.0)
+    last = run(out, kimg=0.032, engine="scratch", ema_kimg=0.0, r1_gamma=0.0)
     assert last["kimg"] == 0.032 and 0 < last["d_real"] < 1
     state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
     g, _ = checkpoint.load_generator(out)
@@ -173,7 +173,7 @@ def test_scratch_engine_run(tmp_path):
     for k, v in state["G"].items():
         assert torch.allclose(v, g.state_dict()[k], atol=1e-7), k
     resumed = from_preset("fmnist32", {**TINY, "engine": "scratch", "ema_kimg": 0.0,
-                                       "kimg": 0.064})
+                                       "r1_gamma": 0.0, "kimg": 0.064})
     training_loop(resumed, out, resume=state, progress=False)
     assert checkpoint.load_state(out / checkpoint.CHECKPOINT)["nimg"] == 64
 
@@ -227,8 +227,9 @@ def test_two_rollbacks_with_the_default_checkpoint_interval(tmp_path, monkeypatc
     assert [(e["at_kimg"], e["to_kimg"], e["lr_factor"]) for e in rollbacks] == [
         (0.224, 0.16, 0.5), (0.384, 0.32, 0.25)]
     state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
-    assert state["opt_g"]["param_groups"][0]["lr"] == 2e-4 * 0.25  # exact: 5e-05
-    assert state["opt_d"]["param_groups"][0]["lr"] == 2e-4 * 0.25
+    base = from_preset("fmnist32").train
+    assert state["opt_g"]["param_groups"][0]["lr"] == base.g_lr * 0.25  # exact, not compounded
+    assert state["opt_d"]["param_groups"][0]["lr"] == base.d_lr * 0.25
     # no tick written twice, none missing: stats.jsonl was trimmed to each checkpoint
     assert [r["tick"] for r in _rows(out)] == list(range(1, 15))
     assert [r["kimg"] for r in _rows(out)] == [round(0.032 * t, 3) for t in range(1, 15)]
