@@ -277,8 +277,9 @@ def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
     assert r["features"] == domain.name and r["resolution"] == 32 and r["channels"] == 1
     assert r["n"] == {"a": 300, "b": 300} and r["n_requested"] == 300
     assert r["classifier_test_accuracy"] >= 0.90
-    # Two samples of one distribution: small but (at n=300) clearly biased-positive FID.
-    assert 0 < r["fid"] < 5 * 1.0 + 50
+    # Two samples of one distribution: small but (at n=300) clearly biased-positive FID
+    # (15.2 measured with these 128-d features; an untrained G scores in the hundreds)
+    assert 0 < r["fid"] < 30
     # KID's scale follows the features' magnitude: judge it against an untrained generator's.
     # (Not exactly 0: the classifier was fitted on the train split, whose features it
     # separates more sharply than the test split's.)
@@ -287,7 +288,8 @@ def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
     assert far["kid"][0] > 0 and abs(r["kid"][0]) < 0.1 * far["kid"][0]
     assert r["kid"][1] >= 0
     assert 0.5 < r["precision"] <= 1 and 0.5 < r["recall"] <= 1
-    assert "is" not in r and 1 < r["classifier_score"][0] <= 10
+    # real images of 10 balanced classes through a >90 % classifier: 6.9 measured of 10
+    assert "is" not in r and 4 < r["classifier_score"][0] <= 10
     assert r["classifier_score_features"] == domain.name
     assert math.isfinite(r["parzen"][0]) and r["parzen"][1] > 0 and r["parzen_sigma"] > 0
     assert r["parzen_n"] == {"kernels": 300, "validation": 150, "test": 150}

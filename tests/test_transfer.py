@@ -129,7 +129,8 @@ def test_run_transfer_end_to_end(tmp_path, fmnist_subset):
     (row,) = result["rows"]
     assert row["labels"] == 10 and row["n_train"] == 100
     for method in ("d_features", "pixels", "untrained_d", "supervised"):
-        assert 0.1 < row[method]["mean"] <= 1.0, method
+        # 10 labels per class, 300 test images: 0.67 to 0.72 measured; chance is 0.1
+        assert 0.5 < row[method]["mean"] <= 1.0, method
         assert row[method]["std"] == 0.0 and len(row[method]["per_draw"]) == 1
     table = format_table(result)
     assert "D features" in table and "supervised D" in table and "±" in table

@@ -132,6 +132,19 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _trial_of(out: Path, worker_pid: int) -> Path | None:
+    """The trial folder whose training process (the lock's owner) is this worker's child."""
+    for lock in out.glob("trial-*/.lock"):
+        try:
+            pid = int(lock.read_text().split()[0])
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == worker_pid:  # field 4: the parent pid
+            return lock.parent
+    return None
+
+
 def _worker(out: Path, url: str, trials: int) -> subprocess.Popen:
     space = out.parent / "space.json"
     return subprocess.Popen(
@@ -151,12 +164,15 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_trial_resumes(tmp_pat
     (tmp_path / "space.json").write_text(json.dumps(
         {"only": True, "d_lr": {"low": 1e-4, "high": 1e-3, "log": True}}))
     victim, other = _worker(out, postgres, 4), _worker(out, postgres, 4)
-    # kill the first worker (and its training subprocess) once a trial has a checkpoint
+    # kill the first worker (and its training subprocess) once its own trial has a checkpoint
     t0 = time.monotonic()
-    while not list(out.glob("trial-*/checkpoint.pt")):
+    while True:
         assert victim.poll() is None, victim.communicate()[1][-2000:]
-        assert time.monotonic() - t0 < 300, "no trial reached its first checkpoint"
-        time.sleep(0.1)
+        assert time.monotonic() - t0 < 300, "the worker's trial never reached a checkpoint"
+        mine = _trial_of(out, victim.pid)
+        if mine is not None and (mine / "checkpoint.pt").is_file():
+            break
+        time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     _, err = other.communicate(timeout=600)
@@ -184,7 +200,7 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_trial_resumes(tmp_pat
     # the retry continued the killed trial's own folder from its checkpoint: the run's
     # events show a start and a resume, and its stats have every tick once
     folder = out / retry.user_attrs["folder"]
-    assert folder.name == f"trial-{failed[0].number:04d}"
+    assert folder.name == f"trial-{failed[0].number:04d}" == mine.name
     events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "settings" for e in events) >= 2
     kimg = [json.loads(x)["kimg"] for x in (folder / "stats.jsonl").read_text().splitlines()]
