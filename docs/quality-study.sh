@@ -22,6 +22,7 @@ declare -A CFG=(
   [r1-strong]="--r1-gamma 1"
   [r1-hinge]="--r1-gamma 0.1 --loss hinge"
   [tuned]="--config runs/tune-fm2/best.json"
+  [fmnist32-fp32]="--precision fp32 --channels-last on"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(canonical fmnist32 hinge lsgan wgan-gp spectral-norm r1 diffaug)
