@@ -33,6 +33,7 @@ import torch
 from dcgan import atomic, machine
 from dcgan.config import Config, apply_overrides
 from dcgan.errors import UserError
+from dcgan.step import autocast, build_gan, memory_format, train_step
 
 CACHE_FILE = "calibration.json"
 CACHE_VERSION = 1
@@ -158,8 +159,6 @@ def train_steps(cfg: Config, nc: int, device: torch.device,
 
     Eager even when the run compiles: the ranking of precisions and layouts is
     the kernels', and compiling every candidate would cost minutes."""
-    from dcgan.step import autocast, build_gan, memory_format, train_step
-
     r = cfg.data.resolution
     steps = {}
     for s in settings:

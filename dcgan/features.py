@@ -222,8 +222,9 @@ class InceptionExtractor(Extractor):
             warnings.filterwarnings("ignore", message=".*torch.jit.load.*",
                                     category=DeprecationWarning)
             scripted = torch.jit.load(str(path), map_location="cpu").eval()
-        # the same weights as an eager, BN-folded, channels-last module: 2-3x the scripted
-        # graph's img/s on the CPU, equal to it within float32 rounding (dcgan.inception)
+        # the same weights as an eager, BN-folded, channels-last module: 2.15x the scripted
+        # graph's img/s on an AVX-512 BF16 EPYC, 1.62x with AVX2 code only (docs/benchmarks.md),
+        # equal to it within float32 rounding (dcgan.inception)
         self.model = FidInception(scripted).to(self.device).eval()
         self.name = f"inception-v3-fid-pool3-{INCEPTION_SHA256[:8]}"
 

@@ -20,6 +20,7 @@ which resumes the killed trial's own folder from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,18 +205,12 @@ def storage_for(out: Path, url: str | None, heartbeat: int = 20, grace: int = 60
     raise UserError(f"--storage {url}: cannot create the study's tables")
 
 
-class _quiet_optuna:
+@contextlib.contextmanager
+def _quiet_optuna():
     """Optuna warns that heartbeats are experimental at every storage it makes."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
+        yield
 
 
 def open_study(out: Path, settings: Settings, storage):
