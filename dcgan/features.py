@@ -396,27 +396,26 @@ class DomainExtractor(Extractor):
                     record = None  # an older recipe: retrain rather than mix
             except (OSError, json.JSONDecodeError):
                 record = None
-        state = None
+        net = None
         if record is not None:
             try:
-                state = load_file(str(weights))
-                DomainNet(int(record["channels"]), int(record["classes"])).load_state_dict(state)
+                net = DomainNet(int(record["channels"]), int(record["classes"]))
+                net.load_state_dict(load_file(str(weights)))
             except Exception as e:  # a damaged cached file (safetensors' error type, etc.)
                 print(f"warning: the cached classifier {weights} is damaged ({type(e).__name__})"
                       "; training it again", file=sys.stderr)
-                record = state = None
+                record = net = None
         if record is None:
             if progress:
                 print(f"training the {source} domain classifier at {resolution}px "
                       f"(once; cached in {weights.parent})", file=sys.stderr)
             record = train_classifier(source, resolution, channels, cache_dir, progress=progress)
-            state = load_file(str(weights))
+            net = DomainNet(int(record["channels"]), int(record["classes"]))
+            net.load_state_dict(load_file(str(weights)))
         self.record = record
         self.device = torch.device(device)
         self.nc = int(record["channels"])
-        self.net = DomainNet(self.nc, int(record["classes"]))
-        self.net.load_state_dict(state)
-        self.net.to(self.device).eval()
+        self.net = net.to(self.device).eval()
         digest = sha256_file(weights)[:8]
         self.name = f"domain-{source}-{resolution}px-{self.nc}ch-{digest}"
 

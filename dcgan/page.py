@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from dcgan import atomic
 from dcgan.errors import UserError
 from dcgan.report import read_stats
-from dcgan.rundir import LOCK
+from dcgan.rundir import live_owner
 
 REPORT = "report.html"
 MACHINE = "machine.json"  # dcgan info's facts, written when training starts
@@ -48,14 +47,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        owner = self.path / LOCK
-        if owner.is_file():
-            try:
-                pid = int(owner.read_text().split()[0])
-                os.kill(pid, 0)
-                return "running"
-            except (ValueError, IndexError, OSError):
-                pass  # a stale lock: its process is gone
+        if live_owner(self.path) is not None:
+            return "running"
         total = self.config.get("train", {}).get("kimg", 0)
         if self.stats and self.stats[-1]["kimg"] >= total - 1e-9:
             return "finished"

@@ -38,6 +38,16 @@ def _owner(path: Path) -> tuple[int, str] | None:
         return None  # vanished or half-written: treat as free
 
 
+def live_owner(folder: str | Path) -> tuple[int, str] | None:
+    """(pid, host) of the process holding folder/.lock, or None when the folder is free
+    (no lock, or a stale one left by a process of this host that died). A lock of
+    another host cannot be checked from here and counts as held."""
+    owner = _owner(Path(folder) / LOCK)
+    if owner is None or (owner[1] == socket.gethostname() and not _alive(owner[0])):
+        return None
+    return owner
+
+
 @contextlib.contextmanager
 def locked(folder: str | Path) -> Iterator[None]:
     """Hold folder/.lock while the block runs; refuse if a live process holds it."""
@@ -49,14 +59,13 @@ def locked(folder: str | Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = _owner(path)
-            if owner is not None and owner[1] == socket.gethostname() and _alive(owner[0]) \
-                    and owner[0] != os.getpid():
-                raise UserError(f"{folder} is in use by another dcgan process (pid {owner[0]}); "
-                                "wait for it to finish or stop it first") from None
+            owner = live_owner(folder)
             if owner is not None and owner[1] != socket.gethostname():
                 raise UserError(f"{folder} is in use by a dcgan process on {owner[1]} "
                                 f"(pid {owner[0]}); if it is gone, remove {path}") from None
+            if owner is not None and owner[0] != os.getpid():
+                raise UserError(f"{folder} is in use by another dcgan process (pid {owner[0]}); "
+                                "wait for it to finish or stop it first") from None
             path.unlink(missing_ok=True)  # stale: its owner died
             continue
         with os.fdopen(fd, "w") as f:

@@ -457,3 +457,17 @@ def test_ab_wiring_noise_scores_low_and_parzen_rewards_the_data(domain):
     assert real["classifier_score"][0] > 0.8 * real["classifier_score_b"][0]
     # kernels on A score B's held-out half: data kernels explain data far better than noise
     assert real["parzen"][0] > noise["parzen"][0] + 100
+
+
+@needs_fmnist
+def test_a_damaged_cached_classifier_is_trained_again(tmp_path, capsys):
+    from dcgan.features import classifier_paths
+
+    first = DomainExtractor("fashion-mnist", 32, 1, cache_dir=tmp_path, progress=False)
+    weights, _ = classifier_paths("fashion-mnist", 32, 1, tmp_path)
+    weights.write_bytes(b"not a safetensors file")
+    again = DomainExtractor("fashion-mnist", 32, 1, cache_dir=tmp_path, progress=False)
+    assert "is damaged" in capsys.readouterr().err
+    assert again.test_accuracy >= 0.90 and first.test_accuracy >= 0.90
+    images = _random_images(8, 1, 32)
+    assert again.features(images).shape == (8, 128)
