@@ -33,7 +33,7 @@ import torch
 from dcgan import atomic, machine
 from dcgan.config import Config, apply_overrides
 from dcgan.errors import UserError
-from dcgan.step import autocast, build_gan, memory_format, train_step
+from dcgan.step import build_gan
 
 CACHE_FILE = "calibration.json"
 CACHE_VERSION = 1
@@ -166,11 +166,10 @@ def train_steps(cfg: Config, nc: int, device: torch.device,
                                   "channels_last": "on" if s.channels_last else "off",
                                   "compile": False})
         gan = build_gan(c, nc, device, precision=s.precision)
-        ctx, fmt = autocast(s.precision, device), memory_format(c)
 
-        def step(b: int, gan=gan, c=c, ctx=ctx, fmt=fmt) -> None:
+        def step(b: int, gan=gan) -> None:
             x = torch.rand(b, nc, r, r, device=device) * 2 - 1
-            train_step(gan, itertools.repeat(x), c, 0.0, ctx, fmt)
+            gan.step(itertools.repeat(x), 0.0)
 
         steps[s.name] = step
     return steps

@@ -26,11 +26,7 @@ from safetensors.torch import load_file, save_file
 from dcgan import atomic
 from dcgan.errors import UserError
 from dcgan.models import Generator
-
-CHECKPOINT = "checkpoint.pt"
-SNAPSHOT = "generator.safetensors"
-BEST = "best.safetensors"  # the snapshot with the lowest FID so far (--eval-every)
-D_INIT = "d_init.safetensors"  # D's weights before its first step (transfer's baseline)
+from dcgan.rundir import SNAPSHOT
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:

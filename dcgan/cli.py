@@ -11,18 +11,20 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from dcgan.config import (
+    CHOICES,
+    FEATURES,
     PRESETS,
     TRISTATE,
     apply_overrides,
     field_index,
     from_preset,
     load_json,
+    one_of,
 )
 from dcgan.errors import UserError
 
@@ -34,6 +36,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = f.default
         help_ = f"{section}.{name} (default {default!r})"
+        if name in CHOICES:
+            help_ = f"{section}.{name}: {one_of(CHOICES[name])} (default {default!r})"
         if f.type is bool or name in TRISTATE:
             p.add_argument(flag, dest=f"cfg_{name}", nargs="?", const="true", metavar="BOOL",
                            help=help_)
@@ -56,13 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dcgan import checkpoint
     from dcgan.config import Config
     from dcgan.dist import restarted_by_torchrun
-    from dcgan.rundir import locked
+    from dcgan.rundir import RunDir, locked
     from dcgan.train import prepare_run_dir, training_loop
 
     overrides = _overrides(args)
     resume = None
     if not args.resume and args.out and restarted_by_torchrun() and (
-            Path(args.out) / checkpoint.CHECKPOINT).is_file():
+            RunDir(args.out).checkpoint.is_file()):
         # torchrun --max-restarts relaunches the same command after a rank died:
         # continue from the run's last complete checkpoint instead of refusing the folder
         args.resume = args.out
@@ -70,24 +74,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {args.out}",
               file=sys.stderr)
     if args.resume:
-        run = Path(args.resume)
+        run = RunDir(args.resume)
         extra = set(overrides) - {"kimg", "device"}
         if extra:
             raise UserError("--resume continues the run with its own config; only --kimg and "
                             f"--device may change (got --{', --'.join(sorted(extra))})")
-        if (run / checkpoint.CHECKPOINT).is_file():
-            resume = checkpoint.load_state(run / checkpoint.CHECKPOINT)
+        if run.checkpoint.is_file():
+            resume = checkpoint.load_state(run.checkpoint)
             cfg = apply_overrides(Config.from_dict(resume["config"]), overrides)
-        elif (run / "config.json").is_file():
+        elif run.config.is_file():
             # stopped before its first checkpoint: nothing to continue, so the run starts
             # again from its own config (what it had written is of a run that is gone)
-            cfg = apply_overrides(load_json(str(run / "config.json")), overrides)
-            print(f"{run} has no {checkpoint.CHECKPOINT} yet: starting it again from its "
-                  "config.json", file=sys.stderr)
+            cfg = apply_overrides(run.read_config(), overrides)
+            print(f"{run.path} has no {run.checkpoint.name} yet: starting it again from its "
+                  f"{run.config.name}", file=sys.stderr)
         else:
-            raise UserError(f"--resume {run}: not a run folder (no {checkpoint.CHECKPOINT} "
-                            "or config.json)")
-        out = run
+            raise UserError(f"--resume {run.path}: not a run folder (no {run.checkpoint.name} "
+                            f"or {run.config.name})")
+        out = run.path
     else:
         # --config FILE (e.g. dcgan tune's best.json) replaces the preset; flags override it
         cfg = (apply_overrides(load_json(args.config), overrides) if args.config
@@ -106,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if resume is None:
             prepare_run_dir(out, cfg, args.force or bool(args.resume))
         else:
-            (out / "config.json").write_text(cfg.to_json() + "\n")
+            RunDir(out).config.write_text(cfg.to_json() + "\n")
         print(f"run folder: {out}", file=sys.stderr)
         last = training_loop(cfg, out, resume=resume, progress=not args.quiet)
     state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else (
@@ -190,7 +194,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dcgan import bench
+    from dcgan.bench import features
+    from dcgan.bench import train as bench
 
     check_bench_args(args)
 
@@ -199,11 +204,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.generator:
         return bench_generator(args)
     if args.features:
-        rows = bench.time_extractors(args.device, _csv(args.batch, int)[0], args.windows,
-                                     args.steps, not args.quiet)
-        print(f"{'extractor':<32} {'batch':>5} {'img/s':>8}   on {rows[0]['device']}")
-        for row in rows:
-            print(f"{row['name']:<32} {row['batch']:>5} {row['img_per_s']:>8.1f}")
+        rows = features.time_extractors(args.device, _csv(args.batch, int)[0], args.windows,
+                                        args.steps, not args.quiet)
+        print(features.format_table(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         return 0
@@ -214,9 +217,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     args.warmup, args.steps, Path(args.profile)))
         print(f"wrote {args.profile}")
         return 0
-    rows = bench.run_bench(args.device, _csv(args.batch, int), _csv(args.resolution, int),
-                           _csv(args.data), args.dataset, _csv(args.rows), args.warmup,
-                           args.windows, args.steps, args.peak_tflops, not args.quiet)
+    rows = bench.run_bench(args.device, batches=_csv(args.batch, int),
+                           resolutions=_csv(args.resolution, int), data_kinds=_csv(args.data),
+                           dataset=args.dataset, names=_csv(args.rows), warmup=args.warmup,
+                           windows=args.windows, steps=args.steps, peak_tflops=args.peak_tflops,
+                           progress=not args.quiet)
     print(bench.format_table(rows))
     command = "dcgan bench " + " ".join(sys.argv[2:])
     if args.json:
@@ -257,12 +262,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from dcgan import calibrate, machine
+    from dcgan.data import LABELLED
     from dcgan.machine import resolve_device
 
     facts = machine.facts()
     cfg = from_preset(args.preset, _overrides(args))
     device = resolve_device(cfg.train.device)
-    nc = cfg.data.channels or (1 if cfg.data.dataset in ("fashion-mnist", "mnist") else 3)
+    nc = cfg.data.channels or (1 if cfg.data.dataset in LABELLED else 3)
     choice = calibrate.resolve(cfg, nc, device, cfg.data.cache_dir)
     facts["auto"] = {"preset": args.preset, "device": str(device), **choice.as_dict(),
                      "native_bf16_rule": machine.native_bf16(facts["cpu"])}
@@ -345,64 +351,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def bench_engine(args: argparse.Namespace) -> int:
     """dcgan.engine (both kernels) vs torch autograd on the same DCGAN step, same run."""
-    from dcgan.engine.bench import IMPLS, compare_dcgan_steps
+    from dcgan.bench import engine
     from dcgan.machine import resolve_device
 
     device = str(resolve_device(args.device))
-    print(f"{'impl':<14} {'batch':>5} {'res':>4} {'s/step':>8} {'img/s':>8} {'x torch':>8}")
-    results = []
-    for r in _csv(args.resolution, int):
-        for b in _csv(args.batch, int):
-            times = compare_dcgan_steps(IMPLS, b, r, 3, device, args.windows * args.steps,
-                                        args.warmup)
-            secs = {impl: statistics.median(t) for impl, t in times.items()}
-            for impl, sec in secs.items():
-                print(f"{impl:<14} {b:>5} {r:>4} {sec:>8.4f} {b / sec:>8.1f} "
-                      f"{sec / secs['torch']:>8.2f}")
-                results.append({"name": impl, "device": device, "batch": b, "resolution": r,
-                                "sec_per_step": sec, "img_per_s": b / sec})
+    rows = engine.step_rows(_csv(args.resolution, int), _csv(args.batch, int),
+                            args.windows * args.steps, args.warmup, device)
     if args.denoise_epochs:
-        results += bench_denoiser(args.denoise_epochs, device)
+        rows += engine.denoiser_rows(args.denoise_epochs, device)
+    print(engine.format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
-
-
-def bench_denoiser(epochs: int, device: str) -> list[dict]:
-    """Seed 003's denoiser: seconds per epoch, engine (each kernel) vs torch autograd.
-
-    Each run_denoise trains both from the same weights on the same batches, the
-    engine's epoch and torch's epoch alternating; the median epoch is reported."""
-    from dcgan.engine.denoise import run_denoise
-
-    print(f"\n{'denoiser':<14} {'kernel':>7} {'s/epoch':>8} {'x torch':>8} {'val PSNR':>9}")
-    rows = []
-    for kernel in ("native", "unfold"):
-        res = run_denoise(epochs, device, kernel, log=None)
-        torch_sec = statistics.median(res["torch"]["sec_per_epoch"])
-        for impl in ("engine", "torch"):
-            sec = statistics.median(res[impl]["sec_per_epoch"])
-            name = f"engine-{kernel}" if impl == "engine" else "torch"
-            print(f"{name:<14} {kernel:>7} {sec:>8.2f} {sec / torch_sec:>8.2f} "
-                  f"{res[impl]['psnr'][-1]:>9.2f}")
-            rows.append({"name": f"denoiser/{name}", "device": device, "kernel_run": kernel,
-                         "epochs": epochs, "sec_per_epoch": sec, "x_torch": sec / torch_sec,
-                         "val_psnr": res[impl]["psnr"][-1]})
-    return rows
 
 
 def bench_generator(args: argparse.Namespace) -> int:
     """Generator-only images/s: eager, compiled, TorchScript, ONNX at batch 1 and 256."""
-    from dcgan.export import time_generator
+    from dcgan.bench import generator
     from dcgan.machine import resolve_device
 
-    rows = time_generator(args.run, batches=_csv(args.gen_batch, int),
-                          device=str(resolve_device(args.device)), progress=not args.quiet)
-    print(f"{'variant':<12} {'batch':>5} {'img/s':>10} {'first call s':>13}  note")
-    for row in rows:
-        rate = "-" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}"
-        first = "-" if row["first_call_s"] is None else f"{row['first_call_s']:.2f}"
-        print(f"{row['variant']:<12} {row['batch']:>5} {rate:>10} {first:>13}  {row['note']}")
+    rows = generator.time_generator(args.run, batches=_csv(args.gen_batch, int),
+                                    device=str(resolve_device(args.device)),
+                                    progress=not args.quiet)
+    print(generator.format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
@@ -482,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("a")
     e.add_argument("b")
     e.add_argument("--metrics", default="fid,kid,pr", help="any of fid,kid,pr,is,parzen")
-    e.add_argument("--features", default="inception", choices=["inception", "domain"])
+    e.add_argument("--features", default="inception", choices=FEATURES)
     e.add_argument("--n", type=int, default=10000, help="images per side")
     e.add_argument("--json", help="write the result as JSON")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -518,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--kimg", type=float, default=60.0, help="length of each trial")
     tu.add_argument("--eval-every", type=float, default=10.0,
                     help="kimg between the FIDs reported to the pruner")
-    tu.add_argument("--eval-features", default="domain", choices=["domain", "inception"])
+    tu.add_argument("--eval-features", default="domain", choices=FEATURES)
     tu.add_argument("--eval-n", type=int, default=2000, help="images per FID")
     tu.add_argument("--pruner", default="median", choices=["median", "hyperband"])
     tu.add_argument("--space", metavar="FILE.json", help="replace or narrow the search space")

@@ -35,10 +35,12 @@ from tqdm import tqdm
 from dcgan import atomic
 from dcgan.config import RESOLUTIONS
 from dcgan.errors import UserError
+from dcgan.pixels import to_unit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SOURCES = ("fashion-mnist", "mnist", "emoji", "fake")
 SPLITS = ("train", "test")
+LABELLED = ("fashion-mnist", "mnist")  # the sources with class labels and a test split
 
 FASHION_MNIST_SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")  # Debian package
 EMOJI_FONT = pathlib.Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -97,7 +99,7 @@ def _no_test_split(what: str) -> UserError:
 
 def _resolve(dataset: str, split: str, cache_dir: str) -> _Source:
     name = dataset.strip()
-    if name in ("fashion-mnist", "mnist"):
+    if name in LABELLED:
         return _named_idx_source(name, split, cache_dir)
     if name == "emoji":
         return _emoji_source(split)
@@ -715,8 +717,7 @@ class Batches:
             self._order_epoch = self.epoch
         start = self.position * self.batch
         idx = self._order[start : start + self.batch]  # (B,)
-        x = self.images.index_select(0, idx).float()  # (B, C, R, R), 0..255
-        x.div_(127.5).sub_(1.0)  # 0 -> -1, 255 -> 1 exactly
+        x = to_unit(self.images.index_select(0, idx))  # (B, C, R, R) in [-1, 1]
         if self.flip:
             # Mirror each image along W with probability 1/2 (no host sync: a device mask).
             mask = torch.rand(self.batch, device=self.device) < 0.5  # (B,)

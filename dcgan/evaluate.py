@@ -13,7 +13,7 @@ Each side is one of
   `emoji`, `fake`, or a folder of images. A random subset of n images (seed 0)
   is used, or all of them when the source has fewer.
 
-Features of data sides are cached (`metrics.cached_reference`) under a key of
+Features of data sides are cached (`dcgan.feature_cache`, the one cache) under a key of
 source, split, resolution, channels, n and extractor.
 
 `FidTracker` is the training-time helper: reference statistics of the training
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from dcgan import __version__, atomic
+from dcgan.data import LABELLED, SOURCES, SPLITS
 from dcgan.errors import UserError
+from dcgan.feature_cache import StatsKey, cached_reference
 from dcgan.features import (
     FEATURES,
-    LABELLED,
     DomainExtractor,
     Extractor,
     batches,
@@ -44,8 +45,6 @@ from dcgan.features import (
     get_extractor,
 )
 from dcgan.metrics import (
-    StatsKey,
-    cached_reference,
     feature_stats,
     fid_from_features,
     frechet_distance,
@@ -55,11 +54,10 @@ from dcgan.metrics import (
     parzen_select_sigma,
     precision_recall,
 )
+from dcgan.pixels import to_uint8
+from dcgan.rundir import SNAPSHOT, RunDir
 
 METRICS = ("fid", "kid", "pr", "is", "parzen")
-RUN_FOLDER_MARKERS = ("config.json", "stats.jsonl", "checkpoint.pt")
-DATA_NAMES = ("fashion-mnist", "mnist", "emoji", "fake")
-SPLITS = ("train", "test")
 SAMPLE_BATCH = 250  # generator forward passes; memory is batch * nc * R * R floats
 FEATURE_BATCH = 32  # images per extractor forward (Inception: fastest on 2 CPU cores)
 IS_SPLITS = 10
@@ -91,13 +89,13 @@ class Side:
 
 def parse_side(spec: str) -> Side:
     """A run folder, a snapshot file, `name[:split]` or an image folder -> Side."""
-    from dcgan.checkpoint import SNAPSHOT, load_generator
+    from dcgan.checkpoint import load_generator
 
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
             raise UserError(f"{spec} is a file but not a {SNAPSHOT} snapshot; data must be a "
-                            f"folder or a source name ({', '.join(DATA_NAMES)})")
+                            f"folder or a source name ({', '.join(SOURCES)})")
         g, meta = load_generator(path, "cpu")
         return Side(spec, "generator", str(meta.get("dataset", "")), snapshot=path,
                     generator=g, meta=meta)
@@ -106,14 +104,14 @@ def parse_side(spec: str) -> Side:
             g, meta = load_generator(path, "cpu")
             return Side(spec, "generator", str(meta.get("dataset", "")),
                         snapshot=path / SNAPSHOT, generator=g, meta=meta)
-        if any((path / m).exists() for m in RUN_FOLDER_MARKERS):
+        if RunDir(path).is_run():
             raise UserError(f"run folder {spec} has no {SNAPSHOT} yet (it is written at the "
                             f"first tick); wait for one or pass another run")
         return Side(spec, "data", str(path.resolve()), split="train")
     name, _, split = spec.partition(":")
-    if name not in DATA_NAMES:
+    if name not in SOURCES:
         raise UserError(f"unknown source {spec!r}: expected a run folder, a {SNAPSHOT} file, "
-                        f"an image folder or one of {', '.join(DATA_NAMES)} "
+                        f"an image folder or one of {', '.join(SOURCES)} "
                         f"(with :train or :test for fashion-mnist and mnist)")
     if split and split not in SPLITS:
         raise UserError(f"unknown split {split!r} in {spec!r}: expected train or test")
@@ -149,7 +147,7 @@ def sample_generator(g: torch.nn.Module, n: int, seed: int, batch: int = SAMPLE_
         for i in tqdm(range(0, n, batch), desc="sampling", disable=not progress, leave=False):
             z = z_all[i:i + batch].to(device)
             x = g(z).float()  # (b, nc, R, R) in [-1, 1]
-            out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+            out.append(to_uint8(x).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -400,30 +398,23 @@ class FidTracker:
     def __init__(self, dataset: str, resolution: int, channels: int, features: str = "domain",
                  n: int = 5000, device: str | torch.device = "cpu", cache_dir: str = "",
                  seed: int = 0, progress: bool = False):
-        from dcgan.data import cache_root, load_images
-
         if features not in FEATURES:
             raise UserError(f"unknown features {features!r}: choose one of {', '.join(FEATURES)}")
         if n < 10:
             raise UserError(f"the FID tracker needs n >= 10, got {n}")
         self.n, self.seed, self.progress = n, seed, progress
-        data = load_images(dataset, resolution, channels, split="train", cache_dir=cache_dir,
-                           progress=progress)
-        self.channels = int(data.images.shape[1])
-        self.extractor = get_extractor(features, data.source, resolution, self.channels, device,
+        # the training set as `dcgan eval` reads a data side: same subset, same cache entry
+        folder = Path(dataset).expanduser()
+        source = str(folder.resolve()) if folder.is_dir() else dataset
+        train = Side(f"{dataset}:train", "data", source, split="train")
+        train.images = _load_data(train, resolution, channels, n, cache_dir, progress)
+        self.channels = int(train.images.shape[1])
+        self.extractor = get_extractor(features, source, resolution, self.channels, device,
                                        cache_dir, progress)
-        images = data.images
-        if images.shape[0] > n:
-            images = images[np.sort(np.random.default_rng(0).permutation(images.shape[0])[:n])]
-        key = StatsKey(data.source, "train", resolution, self.channels, n, self.extractor.name,
-                       data.content)
-
-        def compute() -> tuple[np.ndarray, None]:
-            f, _ = extract_all(self.extractor, batches(images, FEATURE_BATCH), images.shape[0],
-                               FEATURE_BATCH, progress, desc="reference features")
-            return f, None
-
-        self.reference = cached_reference(key, compute, cache_root(cache_dir))
+        key = StatsKey(source, "train", resolution, self.channels, n, self.extractor.name,
+                       train.content)
+        self.reference, _ = _side_features(train, self.extractor, key, cache_dir, progress)
+        self.mu, self.sigma = feature_stats(self.reference)
 
     @property
     def features(self) -> str:
@@ -431,11 +422,9 @@ class FidTracker:
 
     def __call__(self, generator: torch.nn.Module) -> dict[str, Any]:
         """Sample n images from the (eval-mode) generator -> {"fid", "kid", "features"}."""
-        images = sample_generator(generator, self.n, self.seed)
-        f, _ = extract_all(self.extractor, batches(images, FEATURE_BATCH), self.n, FEATURE_BATCH,
-                           self.progress, desc="fid features")
+        fakes = Side("G_ema", "generator", images=sample_generator(generator, self.n, self.seed))
+        f, _ = _side_features(fakes, self.extractor, None, "", self.progress)
         mu, sigma = feature_stats(f)
-        ref = self.reference
-        return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
-                "kid": list(kid_from_features(f, ref.features)), "features": self.extractor.name}
+        return {"fid": frechet_distance(mu, sigma, self.mu, self.sigma),
+                "kid": list(kid_from_features(f, self.reference)), "features": self.extractor.name}
 

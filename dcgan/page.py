@@ -23,10 +23,7 @@ from typing import Any
 from dcgan import atomic
 from dcgan.errors import UserError
 from dcgan.report import read_stats
-from dcgan.rundir import live_owner
-
-REPORT = "report.html"
-MACHINE = "machine.json"  # dcgan info's facts, written when training starts
+from dcgan.rundir import RunDir, live_owner
 
 
 @dataclass
@@ -56,26 +53,26 @@ class Run:
 
 
 def read_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a run folder (no config.json)")
+    rd = RunDir(path)
+    if not rd.config.is_file():
+        raise UserError(f"{rd.path} is not a run folder (no {rd.config.name})")
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(rd.config.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path / 'config.json'} is not JSON: {e}") from None
+        raise UserError(f"{rd.config} is not JSON: {e}") from None
     machine: dict[str, Any] = {}
-    if (path / MACHINE).is_file():
+    if rd.machine.is_file():
         try:
-            machine = json.loads((path / MACHINE).read_text())
+            machine = json.loads(rd.machine.read_text())
         except json.JSONDecodeError:
             machine = {}
     grids = []
-    for f in (path / "samples").glob("fakes*.png"):
+    for f in rd.grids():
         digits = f.stem[len("fakes"):]
         if digits.isdigit():
             grids.append((int(digits), f))
-    return Run(path, config, read_stats(path / "stats.jsonl"), read_stats(path / "metrics.jsonl"),
-               read_stats(path / "events.jsonl"), machine, sorted(grids))
+    return Run(rd.path, config, read_stats(rd.stats), read_stats(rd.metrics),
+               read_stats(rd.events), machine, sorted(grids))
 
 
 # ---------------------------------------------------------------------------- charts
@@ -246,7 +243,7 @@ def _events_table(run: Run) -> str:
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN/report.html (or `out`) from the run folder's files; returns its path."""
     run = read_run(run_dir)
-    out = Path(out) if out else run.path / REPORT
+    out = Path(out) if out else RunDir(run.path).report
     last = run.stats[-1] if run.stats else {}
     settings = next((e for e in run.events if e.get("event") == "settings"), None)
     summary = [("status", run.status), ("kimg", f"{last.get('kimg', 0)} of "
@@ -311,5 +308,5 @@ def compare_runs(run_dirs: list[str], out: str | Path) -> tuple[Path, str]:
 def save_machine(run_dir: Path) -> None:
     from dcgan.machine import facts
 
-    atomic.write_text(run_dir / MACHINE, json.dumps(facts(), indent=1) + "\n")
+    atomic.write_text(RunDir(run_dir).machine, json.dumps(facts(), indent=1) + "\n")
 

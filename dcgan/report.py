@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dcgan import pixels
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, R, R) floats in [-1, 1] -> (N, C, R, R) uint8, rounding to nearest."""
-    x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
-    return x.to(torch.uint8).numpy()
+    """(N, C, R, R) floats in [-1, 1] -> (N, C, R, R) uint8 on the host (a grid, a PNG)."""
+    return pixels.to_uint8(images).cpu().numpy()
 
 
 def grid(images: np.ndarray, nrow: int = 0, pad: int = 2) -> np.ndarray:

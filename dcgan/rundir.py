@@ -1,4 +1,10 @@
-"""A run folder's one-writer rule: a lock file holding the owner's pid.
+"""A run folder: the one place that names its files, and its one-writer rule.
+
+`RunDir(path)` names every file a run holds (training writes them; sample, eval,
+export, transfer, report and tune read them through the same names) and reads
+the resolved config back. Nothing else in the package spells a run's file name.
+
+The one-writer rule: a lock file holding the owner's pid.
 
 Two `dcgan train` processes on one folder would interleave their stats lines
 and overwrite each other's checkpoints. The first one to start holds
@@ -11,13 +17,69 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from dcgan.config import Config, load_json
 from dcgan.errors import UserError
 
 LOCK = ".lock"
+CHECKPOINT = "checkpoint.pt"  # the whole training state (resume)
+SNAPSHOT = "generator.safetensors"  # G_ema and its shape: what sample/eval/export read
+BEST = "best.safetensors"  # the snapshot with the lowest FID so far (--eval-every)
+D_INIT = "d_init.safetensors"  # D's weights before its first step (transfer's baseline)
+CONFIG = "config.json"  # the resolved config: auto choices and channels filled in
+
+
+class RunDir:
+    """The files of one training run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config = property(lambda self: self.path / CONFIG)
+    checkpoint = property(lambda self: self.path / CHECKPOINT)
+    snapshot = property(lambda self: self.path / SNAPSHOT)
+    best = property(lambda self: self.path / BEST)
+    d_init = property(lambda self: self.path / D_INIT)
+    stats = property(lambda self: self.path / "stats.jsonl")  # one line per tick
+    events = property(lambda self: self.path / "events.jsonl")  # settings, rollbacks, warnings
+    metrics = property(lambda self: self.path / "metrics.jsonl")  # --eval-every's FIDs
+    losses = property(lambda self: self.path / "losses.png")
+    samples = property(lambda self: self.path / "samples")  # the fixed-noise grid per tick
+    report = property(lambda self: self.path / "report.html")
+    machine = property(lambda self: self.path / "machine.json")  # dcgan info's facts
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    lock = property(lambda self: self.path / LOCK)
+
+    def grid(self, nimg: int) -> Path:
+        """The grid after nimg images (named by image count: ticks may be < 1 kimg)."""
+        return self.samples / f"fakes{nimg:09d}.png"
+
+    def grids(self) -> list[Path]:
+        return sorted(self.samples.glob("fakes*.png"))
+
+    def is_run(self) -> bool:
+        return any(p.exists() for p in (self.config, self.stats, self.checkpoint))
+
+    def read_config(self) -> Config:
+        if not self.config.is_file():
+            raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
+        return load_json(str(self.config))
+
+    def clear(self) -> None:
+        """Remove what a run wrote (--force, or an attempt without a checkpoint)."""
+        for f in (self.stats, self.events, self.metrics, self.losses, self.checkpoint,
+                  self.snapshot, self.best, self.config, self.d_init, self.report,
+                  self.machine):
+            f.unlink(missing_ok=True)
+        shutil.rmtree(self.samples, ignore_errors=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -1,23 +1,27 @@
 """One training step: Goodfellow et al.'s Algorithm 1 for one iteration, and what it needs.
 
-`build_gan` makes the networks, their optimisers and the views the step calls
-(compiled, DDP-wrapped); `train_step` runs k D-updates then one G-update and
-returns device scalars (no host synchronisation). The loop in `dcgan.train`, the
-`auto` calibration and `dcgan bench` all call this same step.
+`build_gan` makes the networks, their optimisers and the `Step` that trains them:
+`AutogradStep` (torch autograd, compiled and DDP-wrapped views) or `EngineStep`
+(dcgan.engine's hand-written backward passes), one call signature for both. A
+step reports its statistics by name (`dcgan.training_stats`) and returns nothing,
+so it never synchronises with the host. The loop in `dcgan.train`, the `auto`
+calibration and `dcgan bench` all call this same step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from dcgan import training_stats
 from dcgan.augment import diff_augment
 from dcgan.config import Config, parse_policy
-from dcgan.data import Batches
 from dcgan.dist import DistEnv, wrap
 from dcgan.errors import UserError
 from dcgan.losses import (
@@ -65,16 +69,25 @@ def ema_beta(cfg: Config, batch_total: int) -> float:
     return 0.5 ** (batch_total / (cfg.train.ema_kimg * 1000.0))
 
 
-@torch.no_grad()
-def ema_update(g_ema: nn.Module, g, beta: float) -> None:
-    """g_ema <- beta * g_ema + (1 - beta) * g; BatchNorm running stats are copied.
+class EMA:
+    """G_ema <- beta * G_ema + (1 - beta) * G after every step; BatchNorm buffers copied.
 
-    g is read through its state_dict, so an engine generator (same keys) works too."""
-    src = g.state_dict()
-    names, ema_p = zip(*g_ema.named_parameters(), strict=True)
-    torch._foreach_lerp_(list(ema_p), [src[n].detach() for n in names], 1.0 - beta)
-    for name, b in g_ema.named_buffers():
-        b.copy_(src[name])
+    The pairs of tensors are found once, by name: G's state_dict tensors share
+    storage with its live weights (the optimisers and load_state_dict write in
+    place), so an engine G (same key names) works as well as a torch one."""
+
+    def __init__(self, g_ema: nn.Module, g) -> None:
+        src = g.state_dict()
+        names, self.ema_params = zip(*g_ema.named_parameters(), strict=True)
+        self.params = [src[n] for n in names]
+        self.buffers = [(b, src[n]) for n, b in g_ema.named_buffers()]
+
+    @torch.no_grad()
+    def update(self, beta: float) -> None:
+        """beta 0 (no EMA) copies G."""
+        torch._foreach_lerp_(list(self.ema_params), self.params, 1.0 - beta)
+        for b, src in self.buffers:
+            b.copy_(src)
 
 
 def instance_noise_std(cfg: Config, nimg: int, total_nimg: int) -> float:
@@ -86,30 +99,172 @@ def with_noise(x: torch.Tensor, std: float) -> torch.Tensor:
     return x + std * torch.randn_like(x) if std > 0 else x
 
 
+class Step(Protocol):
+    """One iteration of Algorithm 1 on the networks it was built over: k D-updates,
+    then one G-update. Statistics go to `training_stats.report`; nothing returns,
+    so nothing is read back to the host. The autograd step and the engine's share
+    this interface: the loop, the bench and the calibration call either alike."""
+
+    def __call__(self, batches: Iterator[torch.Tensor], noise_std: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class GAN:
-    """The raw modules (what checkpoints hold: no `_orig_mod.` or `module.` prefixes)
-    and the callables the step uses (compiled and/or DDP-wrapped views of them)."""
+    """The raw modules (what checkpoints hold: no `_orig_mod.` or `module.` prefixes),
+    their optimisers, the step that trains them and G's moving average."""
 
     G: nn.Module
     D: nn.Module
     G_ema: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
-    G_train: nn.Module  # G as called in training (compiled, DDP)
-    D_train: nn.Module  # D for its own update (compiled, DDP: gradients all-reduced)
-    D_frozen: nn.Module  # D for G's update (compiled, no DDP: its gradients are unused)
-    # fp16 only: one loss scaler per optimiser, so that an overflow in D's step
-    # does not skip G's step and each network finds its own scale
-    scaler_g: torch.amp.GradScaler | None = None
-    scaler_d: torch.amp.GradScaler | None = None
-    d_updates: int = 0  # D-steps so far: the lazy R1 schedule (saved in checkpoints)
+    step: Step
+    ema: EMA
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(),
+                "G_ema": self.G_ema.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict(), **self.step.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.step.load_state_dict(state)
 
 
-def build_scratch_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
-    """The same GAN on dcgan.engine: hand-written backward passes, no autograd.
+class AutogradStep:
+    """Algorithm 1 with torch autograd, under mixed precision, compile and DDP.
 
-    Checkpoints stay interchangeable: engine state_dicts use the torch key names."""
+    Three views of the networks: G and D as trained (compiled, DDP-wrapped: D's
+    gradients are all-reduced in its own update), D for G's update (compiled, no
+    DDP: its gradients are unused) and the raw D for the gradient penalties.
+    """
+
+    def __init__(self, cfg: Config, G_train, D_train, D_frozen, D: nn.Module,
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                 precision: str, device: torch.device):
+        self.cfg, self.t = cfg, cfg.train
+        self.G_train, self.D_train, self.D_frozen, self.D = G_train, D_train, D_frozen, D
+        self.opt_g, self.opt_d = opt_g, opt_d
+        self.ctx = autocast(precision, device)
+        self.fmt = memory_format(cfg)
+        self.policy = parse_policy(self.t.diffaug)
+        # fp16 only: one loss scaler per optimiser, so that an overflow in D's step does
+        # not skip G's step and each network finds its own scale; disabled, a scaler is
+        # a no-op (scale returns the loss, step calls opt.step), so no branch on it.
+        on = precision == "fp16"
+        self.scaler_g = torch.amp.GradScaler(device.type, enabled=on)
+        self.scaler_d = torch.amp.GradScaler(device.type, enabled=on)
+        self.d_updates = 0  # D-steps so far: the lazy R1 schedule (saved in checkpoints)
+
+    def state_dict(self) -> dict[str, Any]:
+        # a disabled scaler's state is {}: kept out, as older checkpoints have it
+        s: dict[str, Any] = {"d_updates": self.d_updates}
+        if self.scaler_g.is_enabled():
+            s["scaler_g"], s["scaler_d"] = self.scaler_g.state_dict(), self.scaler_d.state_dict()
+        return s
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.d_updates = state.get("d_updates", 0)
+        if "scaler_g" in state:
+            self.scaler_g.load_state_dict(state["scaler_g"])
+            self.scaler_d.load_state_dict(state["scaler_d"])
+
+    def d_penalty(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> torch.Tensor | None:
+        """The gradient penalties of this D-step (WGAN-GP's, lazy R1's), or None.
+
+        They need a double backward, which neither torch.compile nor a DDP forward
+        supports, so they run through the raw D (same parameters): its gradients join
+        loss_d's in the one backward, whose DDP hooks all-reduce the sum."""
+        t = self.t
+        total = None
+        if t.loss == "wgan-gp" and t.gp_weight > 0:
+            total = t.gp_weight * gradient_penalty(self.D, x_real, x_fake)
+        if t.r1_gamma > 0 and self.d_updates % t.r1_every == 0:
+            # lazy: every r1_every-th D-step, weighted by r1_every to keep the same strength
+            r1 = t.r1_gamma * t.r1_every * r1_penalty(self.D, x_real)
+            total = r1 if total is None else total + r1
+        return total
+
+    def __call__(self, batches: Iterator[torch.Tensor], noise_std: float) -> None:
+        """The fake batch of the last D-step is made with G's graph kept, and the
+        G-step reuses it (as the canonical PyTorch example does) instead of sampling
+        new noise: one G forward saved, still an unbiased gradient."""
+        t, ctx, fmt, policy = self.t, self.ctx, self.fmt, self.policy
+        for k in range(t.d_steps):
+            # (1) Update D: k times, each on a fresh real batch and fresh fakes
+            x_real = next(batches).contiguous(memory_format=fmt)  # (N, nc, R, R)
+            b = x_real.shape[0]
+            z = torch.randn(b, self.cfg.model.nz, 1, 1, device=x_real.device)
+            with ctx, torch.set_grad_enabled(k == t.d_steps - 1):
+                fake = self.G_train(z)
+            t_real, t_fake = d_targets(b, t.label_smoothing, t.label_flip, x_real.device)
+            self.opt_d.zero_grad(set_to_none=True)
+            seen_real = d_inputs(x_real, noise_std, policy, fmt)
+            seen_fake = d_inputs(fake.detach(), noise_std, policy, fmt)
+            with ctx:
+                logits_real = self.D_train(seen_real)  # (N,)
+                logits_fake = self.D_train(seen_fake)
+            loss_d = discriminator_loss(t.loss, logits_real, logits_fake, t_real, t_fake)
+            penalty = self.d_penalty(seen_real, seen_fake)
+            loss = loss_d if penalty is None else loss_d + penalty
+            self.scaler_d.scale(loss).backward()
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
+            self.d_updates += 1
+            training_stats.report("loss_d", loss_d)
+            training_stats.report("d_real", torch.sigmoid(logits_real.detach().float()).mean())
+            training_stats.report("d_fake", torch.sigmoid(logits_fake.detach().float()).mean())
+        # (2) Update G: D's weights need no gradient here; freezing them skips their dW.
+        self.D.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        with ctx:
+            logits_g = self.D_frozen(d_inputs(fake, noise_std, policy, fmt))
+        loss_g = generator_loss(t.loss, t.g_loss, logits_g)
+        self.scaler_g.scale(loss_g).backward()
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        self.D.requires_grad_(True)
+        training_stats.report("loss_g", loss_g)
+
+
+class EngineStep:
+    """Algorithm 1 (k = 1) with dcgan.engine: hand-written backward passes, no autograd.
+    Same targets and statistics as AutogradStep."""
+
+    def __init__(self, cfg: Config, sgan) -> None:
+        self.cfg, self.sgan = cfg, sgan
+        self.d_updates = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"d_updates": self.d_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.d_updates = state.get("d_updates", 0)
+
+    def __call__(self, batches: Iterator[torch.Tensor], noise_std: float) -> None:
+        t = self.cfg.train
+        x_real = next(batches)  # (N, nc, R, R)
+        b = x_real.shape[0]
+        z = torch.randn(b, self.cfg.model.nz, 1, 1, device=x_real.device)
+        t_real, t_fake = d_targets(b, t.label_smoothing, t.label_flip, x_real.device)
+        out = self.sgan.d_step(x_real, z, t_real, t_fake)  # (1) Update D
+        out.update(self.sgan.g_step(z))  # (2) Update G
+        self.d_updates += 1
+        for name, value in out.items():
+            training_stats.report(name, value)
+
+
+def build_engine_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
+    """The same GAN on dcgan.engine. Checkpoints stay interchangeable: engine
+    state_dicts use the torch key names, and G_ema is a torch Generator."""
     from dcgan.engine.gan import ScratchGAN
 
     sgan = ScratchGAN.from_config(cfg, nc, device)
@@ -117,28 +272,17 @@ def build_scratch_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
     G_ema.load_state_dict(sgan.generator.state_dict())
     G_ema.eval().requires_grad_(False)
     return GAN(sgan.generator, sgan.discriminator, G_ema, sgan.g_opt, sgan.d_opt,
-               sgan, sgan, sgan)
-
-
-def scratch_step(gan: GAN, batches: Batches, cfg: Config) -> dict[str, torch.Tensor]:
-    """Algorithm 1 (k = 1) with the engine; same targets and statistics as train_step."""
-    t, sgan = cfg.train, gan.G_train
-    x_real = next(batches)
-    b = x_real.shape[0]
-    z = torch.randn(b, cfg.model.nz, 1, 1, device=x_real.device)
-    t_real, t_fake = d_targets(b, t.label_smoothing, t.label_flip, x_real.device)
-    out = sgan.d_step(x_real, z, t_real, t_fake)
-    out.update(sgan.g_step(z))
-    return {k: v.detach() for k, v in out.items()}
+               EngineStep(cfg, sgan), EMA(G_ema, sgan.generator))
 
 
 def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None,
               precision: str = "fp32") -> GAN:
+    """The networks, their optimisers and the step over their compiled/DDP views."""
     env = env or DistEnv()
     if cfg.train.engine == "scratch":
         if env.enabled:
             raise UserError("engine scratch runs in one process (no torchrun)")
-        return build_scratch_gan(cfg, nc, device)
+        return build_engine_gan(cfg, nc, device)
     r = cfg.data.resolution
     fmt = memory_format(cfg)
     G = build_generator(cfg.model, nc, r)
@@ -157,24 +301,9 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
         # dynamo go dynamic there recompiled and crashed in inductor (DESIGN.md)
         G_c = torch.compile(G, dynamic=False, mode=cfg.train.compile_mode)
         D_c = torch.compile(D, dynamic=False, mode=cfg.train.compile_mode)
-    gan = GAN(G, D, G_ema, opt_g, opt_d, wrap(G_c, env, device), wrap(D_c, env, device), D_c)
-    if precision == "fp16":
-        gan.scaler_g = torch.amp.GradScaler(device.type)
-        gan.scaler_d = torch.amp.GradScaler(device.type)
-    return gan
-
-
-def update(loss: torch.Tensor, opt: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler | None) -> None:
-    """backward + step; with a scaler the loss is scaled, the step skipped on inf/NaN
-    gradients and the scale adapted (all on the device: no host synchronisation)."""
-    if scaler is None:
-        loss.backward()
-        opt.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    step = AutogradStep(cfg, wrap(G_c, env, device), wrap(D_c, env, device), D_c, D,
+                        opt_g, opt_d, precision, device)
+    return GAN(G, D, G_ema, opt_g, opt_d, step, EMA(G_ema, G))
 
 
 def d_inputs(x: torch.Tensor, noise_std: float, policy: tuple[str, ...],
@@ -184,64 +313,3 @@ def d_inputs(x: torch.Tensor, noise_std: float, policy: tuple[str, ...],
     if policy:
         x = diff_augment(x, policy).contiguous(memory_format=fmt)
     return x
-
-
-def d_penalty(gan: GAN, cfg: Config, x_real: torch.Tensor, x_fake: torch.Tensor
-              ) -> torch.Tensor | None:
-    """The gradient penalties of this D-step (WGAN-GP's, lazy R1's), or None.
-
-    They need a double backward, which neither torch.compile nor a DDP forward
-    supports, so they run through the raw D (same parameters): its gradients join
-    loss_d's in the one backward, whose DDP hooks all-reduce the sum."""
-    t = cfg.train
-    total = None
-    if t.loss == "wgan-gp" and t.gp_weight > 0:
-        total = t.gp_weight * gradient_penalty(gan.D, x_real, x_fake)
-    if t.r1_gamma > 0 and gan.d_updates % t.r1_every == 0:
-        # lazy: every r1_every-th D-step, weighted by r1_every to keep the same strength
-        r1 = t.r1_gamma * t.r1_every * r1_penalty(gan.D, x_real)
-        total = r1 if total is None else total + r1
-    return total
-
-
-def train_step(gan: GAN, batches: Batches, cfg: Config, noise_std: float, ctx,
-               fmt: torch.memory_format) -> dict[str, torch.Tensor]:
-    """One iteration of Algorithm 1: k D-steps, then one G-step. Returns device scalars.
-
-    The fake batch of the last D-step is made with G's graph kept, and the
-    G-step reuses it (as the canonical PyTorch example does) instead of
-    sampling new noise: one G forward saved, still an unbiased gradient.
-    """
-    t = cfg.train
-    D, G = gan.D_train, gan.G_train
-    policy = parse_policy(t.diffaug)
-    for k in range(t.d_steps):
-        # (1) Update D: k times, each on a fresh real batch and fresh fakes
-        x_real = next(batches).contiguous(memory_format=fmt)
-        b = x_real.shape[0]
-        z = torch.randn(b, cfg.model.nz, 1, 1, device=x_real.device)
-        last = k == t.d_steps - 1
-        with ctx, torch.set_grad_enabled(last):
-            fake = G(z)
-        t_real, t_fake = d_targets(b, t.label_smoothing, t.label_flip, x_real.device)
-        gan.opt_d.zero_grad(set_to_none=True)
-        seen_real = d_inputs(x_real, noise_std, policy, fmt)
-        seen_fake = d_inputs(fake.detach(), noise_std, policy, fmt)
-        with ctx:
-            logits_real = D(seen_real)
-            logits_fake = D(seen_fake)
-        loss_d = discriminator_loss(t.loss, logits_real, logits_fake, t_real, t_fake)
-        penalty = d_penalty(gan, cfg, seen_real, seen_fake)
-        update(loss_d if penalty is None else loss_d + penalty, gan.opt_d, gan.scaler_d)
-        gan.d_updates += 1
-    # (2) Update G: D's weights need no gradient here; freezing them skips their dW.
-    gan.D.requires_grad_(False)
-    gan.opt_g.zero_grad(set_to_none=True)
-    with ctx:
-        logits_g = gan.D_frozen(d_inputs(fake, noise_std, policy, fmt))
-    loss_g = generator_loss(t.loss, t.g_loss, logits_g)
-    update(loss_g, gan.opt_g, gan.scaler_g)
-    gan.D.requires_grad_(True)
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
-            "d_real": torch.sigmoid(logits_real.detach().float()).mean(),
-            "d_fake": torch.sigmoid(logits_fake.detach().float()).mean()}

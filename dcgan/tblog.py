@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from dcgan.errors import UserError
-
-FOLDER = "tensorboard"
+from dcgan.rundir import RunDir
 
 
 class TensorBoardLog:
@@ -28,7 +27,7 @@ class TensorBoardLog:
         except ImportError:  # torch's module imports the tensorboard package
             raise UserError("--tensorboard needs the tensorboard package: "
                             "pip install 'dcgan[tensorboard]'") from None
-        self.writer = SummaryWriter(log_dir=str(run_dir / FOLDER))
+        self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def tick(self, nimg: int, row: dict[str, Any], grid: np.ndarray | None = None) -> None:

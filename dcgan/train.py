@@ -1,11 +1,12 @@
 """The training loop: Goodfellow et al.'s Algorithm 1 for the DCGAN, counted in kimg and ticks.
 
-Each iteration is one `dcgan.step.train_step` (`d_steps` D-updates, then one
-G-update). Progress is the number of real images shown to D (`nimg`); every
-`tick_kimg` the loop reads its accumulated statistics back from the device (the
-only host synchronisation), appends a line to `stats.jsonl`, saves the
-fixed-noise grid, redraws `losses.png`, and every `checkpoint_ticks` ticks saves
-the training state and refreshes `report.html`.
+Each iteration is one call of the GAN's `Step` (`d_steps` D-updates, then one
+G-update; autograd or the engine alike), then G's moving average. Progress is the
+number of real images shown to D (`nimg`); every `tick_kimg` the loop collects
+the statistics the step reported (`dcgan.training_stats`: the only host
+synchronisation), appends a line to `stats.jsonl`, saves the fixed-noise grid,
+redraws `losses.png`, and every `checkpoint_ticks` ticks saves the training state
+and refreshes `report.html`. Every file name is the run folder's (`RunDir`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -23,30 +23,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dcgan import atomic, calibrate, checkpoint, page, report
-from dcgan.config import Config
+from dcgan import atomic, calibrate, checkpoint, page, report, training_stats
+from dcgan.config import Config, apply_overrides
 from dcgan.data import Batches, load_images
-from dcgan.dist import (
-    DistEnv,
-    all_reduce_mean,
-    cleanup,
-    injected_fault,
-    setup,
-    weights_in_sync,
-)
+from dcgan.dist import DistEnv, cleanup, injected_fault, setup, weights_in_sync
 from dcgan.errors import UserError
 from dcgan.machine import resolve_device
-from dcgan.step import (  # noqa: F401 (ema_beta, instance_noise_std: the loop's schedules)
-    GAN,
-    autocast,
-    build_gan,
-    ema_beta,
-    ema_update,
-    instance_noise_std,
-    memory_format,
-    scratch_step,
-    train_step,
-)
+from dcgan.rundir import RunDir
+from dcgan.step import GAN, build_gan, ema_beta, instance_noise_std
 from dcgan.tblog import TensorBoardLog
 
 N_FIXED = 64  # latents in the per-tick sample grid
@@ -160,18 +144,14 @@ def prepare_run_dir(out: Path, cfg: Config, force: bool) -> None:
     A folder whose earlier attempt stopped before its first checkpoint holds nothing
     that could be continued, so it is cleared and started again without --force
     (under torchrun --max-restarts the relaunch of such a run lands here)."""
-    if (out / "stats.jsonl").exists() or (out / checkpoint.CHECKPOINT).exists():
-        if not force and (out / checkpoint.CHECKPOINT).exists():
+    run = RunDir(out)
+    if run.stats.exists() or run.checkpoint.exists():
+        if not force and run.checkpoint.exists():
             raise UserError(f"{out} already holds a run; use --resume {out} to continue it "
                             "or --force to start over")
-        for name in ("stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png",
-                     checkpoint.CHECKPOINT, checkpoint.SNAPSHOT, checkpoint.BEST, "config.json",
-                     checkpoint.D_INIT, page.REPORT, page.MACHINE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "samples", ignore_errors=True)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        run.clear()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json() + "\n")
+    run.config.write_text(cfg.to_json() + "\n")
 
 
 def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
@@ -181,16 +161,8 @@ def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
     In one process the RNG streams are restored too, so the continuation is
     bit-identical to an uninterrupted run. Under torchrun each rank reseeds from
     (seed, nimg, rank) instead, which also lets the process count change."""
-    gan.G.load_state_dict(resume["G"])
-    gan.D.load_state_dict(resume["D"])
-    gan.G_ema.load_state_dict(resume["G_ema"])
-    gan.opt_g.load_state_dict(resume["opt_g"])
-    gan.opt_d.load_state_dict(resume["opt_d"])
-    if gan.scaler_g is not None and "scaler_g" in resume:
-        gan.scaler_g.load_state_dict(resume["scaler_g"])
-        gan.scaler_d.load_state_dict(resume["scaler_d"])
+    gan.load_state_dict(resume)
     nimg, tick = resume["nimg"], resume["tick"]
-    gan.d_updates = resume.get("d_updates", 0)
     if resume.get("world_size", 1) == env.world_size:
         batches.load_state_dict(resume["batches"])
     else:  # shards differ: start the interrupted epoch's new shards from their beginning
@@ -211,21 +183,20 @@ def set_lr_factor(gan: GAN, cfg: Config, factor: float) -> None:
             group["lr"] = lr * factor
 
 
-def trim_to(out: Path, rows: list[dict[str, Any]], nimg: int) -> list[dict[str, Any]]:
+def trim_to(run: RunDir, rows: list[dict[str, Any]], nimg: int) -> list[dict[str, Any]]:
     """Keep the stats and metrics lines up to nimg (a checkpoint's); rewrite both files."""
     kept = [r for r in rows if r["kimg"] * 1000 <= nimg]
-    atomic.write_text(out / "stats.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        m = [r for r in report.read_stats(metrics) if r["kimg"] * 1000 <= nimg]
-        atomic.write_text(metrics, "".join(json.dumps(r) + "\n" for r in m))
+    atomic.write_text(run.stats, "".join(json.dumps(r) + "\n" for r in kept))
+    if run.metrics.exists():
+        m = [r for r in report.read_stats(run.metrics) if r["kimg"] * 1000 <= nimg]
+        atomic.write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in m))
     return kept
 
 
-def write_report(out: Path) -> None:
+def write_report(run: RunDir) -> None:
     """RUN/report.html; a report that cannot be drawn costs a warning, never the run."""
     try:
-        page.build_report(out)
+        page.build_report(run.path)
     except (ImportError, UserError) as e:
         print(f"\nwarning: report.html not refreshed ({e})", file=sys.stderr)
 
@@ -243,6 +214,54 @@ def resolve_auto(cfg: Config, nc: int, device: torch.device,
     return choice
 
 
+class Progress:
+    """Where the run is: images shown, ticks, rollbacks and the best FID so far."""
+
+    def __init__(self, resume: dict[str, Any] | None) -> None:
+        resume = resume or {}
+        self.nimg, self.tick = resume.get("nimg", 0), resume.get("tick", 0)
+        self.rollbacks = resume.get("rollbacks", 0)
+        self.best_fid = resume.get("best_fid", float("inf"))
+
+
+def training_state(gan: GAN, batches: Batches, p: Progress, cfg: Config, env: DistEnv,
+                   device: torch.device) -> dict[str, Any]:
+    """Everything resume needs: weights, optimisers, scalers, data order, RNG streams."""
+    s = {**gan.state_dict(), "batches": batches.state_dict(), "nimg": p.nimg, "tick": p.tick,
+         "world_size": env.world_size, "best_fid": p.best_fid, "rollbacks": p.rollbacks,
+         "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict()}
+    if device.type == "cuda":
+        s["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def roll_back(run: RunDir, gan: GAN, batches: Batches, p: Progress, rows: list[dict[str, Any]],
+              cfg: Config, env: DistEnv, device: torch.device) -> list[dict[str, Any]]:
+    """Non-finite values: back to the last checkpoint with halved learning rates, or stop.
+
+    Nothing of the bad tick was written, so the last checkpoint is the last good one."""
+    where = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint.exists()
+             else "no checkpoint was written yet")
+    if cfg.train.on_nan == "stop" or p.rollbacks >= MAX_ROLLBACKS or not run.checkpoint.exists():
+        raise UserError(f"non-finite loss or weights at {p.nimg / 1000:.3f} kimg "
+                        f"(tick {p.tick}); training stopped; {where}")
+    p.rollbacks += 1
+    bad_kimg = p.nimg / 1000
+    p.nimg, p.tick = restore(gan, batches, checkpoint.load_state(run.checkpoint), env, device)
+    # from the configured rates, not the loaded ones: a checkpoint written after an
+    # earlier rollback already holds a halved rate
+    factor = 0.5 ** p.rollbacks
+    set_lr_factor(gan, cfg, factor)
+    if env.is_main:
+        rows = trim_to(run, rows, p.nimg)  # the ticks after the checkpoint replay
+        report.append_stats(run.events, {"event": "rollback", "at_kimg": bad_kimg,
+                                         "to_kimg": p.nimg / 1000, "lr_factor": factor,
+                                         "time": time.time()})
+        print(f"\nnon-finite values: rolled back to {p.nimg / 1000:.3f} kimg with "
+              f"learning rates x{factor} ({p.rollbacks}/{MAX_ROLLBACKS})", file=sys.stderr)
+    return rows
+
+
 def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Train until cfg.train.kimg; return the last tick's stats.
@@ -252,172 +271,133 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     """
     env, device = setup(resolve_device(cfg.train.device))
     main = env.is_main
+    run = RunDir(out)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
+    # Data, and what this machine resolves: `auto` settings and the image channels.
     data = load_images(cfg.data.dataset, cfg.data.resolution, cfg.data.channels,
                        cache_dir=cfg.data.cache_dir, progress=progress and main)
     nc = data.images.shape[1]
     choice = resolve_auto(cfg, nc, device, env)
-    cfg = calibrate.apply(cfg, choice)
-    t, precision = cfg.train, cfg.train.precision
+    cfg = apply_overrides(calibrate.apply(cfg, choice), {"channels": nc})
+    t = cfg.train
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if choice.how != "fixed":
             print(choice.line(), file=sys.stderr)
-        (out / "config.json").write_text(cfg.to_json() + "\n")  # the resolved values
-        report.append_stats(out / "events.jsonl", {"event": "settings", **choice.as_dict(),
-                                                   "time": time.time()})
+        run.config.write_text(cfg.to_json() + "\n")  # the resolved values
+        report.append_stats(run.events, {"event": "settings", **choice.as_dict(),
+                                         "time": time.time()})
+
+    # Networks, optimisers and the step; D's weights before any step (transfer's baseline).
     batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed,
                       rank=env.rank, world_size=env.world_size)
-    gan = build_gan(cfg, nc, device, env, precision)
-    ctx = autocast(precision, device)
-    fmt = memory_format(cfg)
-    if resume is None and main:  # D before its first step: transfer's "untrained D" baseline
-        checkpoint.save_state_dict(gan.D, out / checkpoint.D_INIT)
+    gan = build_gan(cfg, nc, device, env, t.precision)
+    if resume is None and main:
+        checkpoint.save_state_dict(gan.D, run.d_init)
     tb = None
     if main:
-        page.save_machine(out)  # what the report shows as "the machine"
+        page.save_machine(run.path)  # what the report shows as "the machine"
         if t.tensorboard:
-            tb = TensorBoardLog(out, cfg.to_dict())
+            tb = TensorBoardLog(run.path, cfg.to_dict())
 
-    nimg, tick, rollbacks = 0, 0, 0
-    watch = Watch()
+    p = Progress(resume)
     if resume is not None:
-        nimg, tick = restore(gan, batches, resume, env, device)
-        rollbacks = resume.get("rollbacks", 0)
+        restore(gan, batches, resume, env, device)
     elif env.enabled:
         torch.manual_seed(t.seed + 1_000_003 * env.rank)  # different noise per rank
-
     tracker = None
     if t.eval_every > 0 and main:
         from dcgan.evaluate import FidTracker
 
         tracker = FidTracker(cfg.data.dataset, cfg.data.resolution, nc, t.eval_features,
                              t.eval_n, device, cfg.data.cache_dir, progress=progress)
-    best_fid = resume.get("best_fid", float("inf")) if resume is not None else float("inf")
 
     total = int(round(t.kimg * 1000))
     per_step = t.batch * t.d_steps * env.world_size  # real images shown to D per iteration
     beta = ema_beta(cfg, t.batch * env.world_size)
     tick_nimg = t.tick_kimg * 1000
     z_fixed = fixed_latents(cfg, device)
-    rows = report.read_stats(out / "stats.jsonl") if main else []
+    rows = report.read_stats(run.stats) if main else []
     if resume is not None and main:  # drop lines written after the checkpoint (a crash)
-        rows = trim_to(out, rows, nimg)
+        rows = trim_to(run, rows, p.nimg)
 
-    def state() -> dict[str, Any]:
-        s = {"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
-             "opt_g": gan.opt_g.state_dict(), "opt_d": gan.opt_d.state_dict(),
-             "batches": batches.state_dict(), "nimg": nimg, "tick": tick,
-             "world_size": env.world_size, "best_fid": best_fid, "rollbacks": rollbacks,
-             "d_updates": gan.d_updates,
-             "rng_cpu": torch.get_rng_state(),
-             "config": cfg.to_dict()}
-        if device.type == "cuda":
-            s["rng_cuda"] = torch.cuda.get_rng_state(device)
-        if gan.scaler_g is not None:
-            s["scaler_g"], s["scaler_d"] = gan.scaler_g.state_dict(), gan.scaler_d.state_dict()
-        return s
-
-    bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=p.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
                disable=not (progress and main), desc="train")
+    watch = Watch()
     row: dict[str, Any] = {}
-    sums: dict[str, torch.Tensor] = {}
-    steps, tick_start, tick_start_nimg = 0, time.perf_counter(), nimg
+    training_stats.reset()
+    steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
     stopped = False
     with StopFlag() as stop:
-        while nimg < total and not stopped:
-            if t.engine == "scratch":
-                step_stats = scratch_step(gan, batches, cfg)
-            else:
-                step_stats = train_step(gan, batches, cfg, instance_noise_std(cfg, nimg, total),
-                                        ctx, fmt)
-            ema_update(gan.G_ema, gan.G, beta)  # beta 0 (no EMA) copies G
-            for k, v in step_stats.items():  # summed on the device: no sync until the tick
-                sums[k] = sums[k] + v if k in sums else v.clone()
+        while p.nimg < total and not stopped:
+            gan.step(batches, instance_noise_std(cfg, p.nimg, total))
+            gan.ema.update(beta)  # beta 0 (no EMA) copies G
             steps += 1
-            nimg += per_step
+            p.nimg += per_step
             bar.update(per_step)
             stopped = agree_to_stop(stop.set, steps, env, device)
-            injected_fault(nimg, env)
-            if nimg // tick_nimg == (nimg - per_step) // tick_nimg and nimg < total and (
+            injected_fault(p.nimg, env)
+            if p.nimg // tick_nimg == (p.nimg - per_step) // tick_nimg and p.nimg < total and (
                     not stopped):
                 continue
-            # ---- end of a tick: the one host synchronisation
-            tick += 1
-            means = {k: v.item() for k, v in all_reduce_mean(
-                {k: v / steps for k, v in sums.items()}, env).items()}
+
+            # ---- End of a tick: the one host synchronisation.
+            p.tick += 1
+            means = training_stats.collect(env)
             if not watch.finite(means, gan):
-                # nothing of this tick is written: the last checkpoint stays the last good one
-                ckpt = out / checkpoint.CHECKPOINT
-                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else (
-                    "no checkpoint was written yet")
-                if t.on_nan == "stop" or rollbacks >= MAX_ROLLBACKS or not ckpt.exists():
-                    raise UserError(f"non-finite loss or weights at {nimg / 1000:.3f} kimg "
-                                    f"(tick {tick}); training stopped; {where}")
-                rollbacks += 1
-                bad_kimg = nimg / 1000
-                good = checkpoint.load_state(ckpt)
-                nimg, tick = restore(gan, batches, good, env, device)
-                # from the configured rates, not the loaded ones: a checkpoint written after
-                # an earlier rollback already holds a halved rate
-                set_lr_factor(gan, cfg, 0.5 ** rollbacks)
-                event = {"event": "rollback", "at_kimg": bad_kimg, "to_kimg": nimg / 1000,
-                         "lr_factor": 0.5 ** rollbacks, "time": time.time()}
-                if main:
-                    rows = trim_to(out, rows, nimg)  # the ticks after the checkpoint replay
-                    report.append_stats(out / "events.jsonl", event)
-                    print(f"\nnon-finite values: rolled back to {nimg / 1000:.3f} kimg with "
-                          f"learning rates x{0.5 ** rollbacks} ({rollbacks}/{MAX_ROLLBACKS})",
-                          file=sys.stderr)
-                sums, steps, tick_start, tick_start_nimg = {}, 0, time.perf_counter(), nimg
-                bar.n = nimg
+                rows = roll_back(run, gan, batches, p, rows, cfg, env, device)
+                steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
+                bar.n = p.nimg
                 continue
             for warning in watch.collapse(means):
                 if main:
                     print(f"\nwarning: {warning}", file=sys.stderr)
-                    report.append_stats(out / "events.jsonl", {
-                        "event": "warning", "kimg": nimg / 1000, "message": warning})
+                    report.append_stats(run.events, {
+                        "event": "warning", "kimg": p.nimg / 1000, "message": warning})
             dt = time.perf_counter() - tick_start
-            row = {"tick": tick, "kimg": round(nimg / 1000, 3), **means,
-                   "img_per_s": (nimg - tick_start_nimg) / dt,
-                   "sec_per_kimg": dt * 1000 / (nimg - tick_start_nimg),
+            row = {"tick": p.tick, "kimg": round(p.nimg / 1000, 3), **means,
+                   "img_per_s": (p.nimg - tick_start_nimg) / dt,
+                   "sec_per_kimg": dt * 1000 / (p.nimg - tick_start_nimg),
                    "peak_mem_mb": round(peak_mem_mb(device), 1),
-                   "noise_std": instance_noise_std(cfg, nimg, total), "time": time.time()}
+                   "noise_std": instance_noise_std(cfg, p.nimg, total), "time": time.time()}
             if main:
-                report.append_stats(out / "stats.jsonl", row)
+                # Log the tick, save the image snapshot and G_ema.
+                report.append_stats(run.stats, row)
                 rows.append(row)
-                # Save image snapshot (named by image count: ticks may be shorter than 1 kimg).
                 with torch.no_grad():
                     fixed = report.to_uint8(gan.G_ema(z_fixed))  # (64, C, R, R)
-                report.save_grid(fixed, out / "samples" / f"fakes{nimg:09d}.png")
+                report.save_grid(fixed, run.grid(p.nimg))
                 if tb is not None:
-                    tb.tick(nimg, row, report.grid(fixed))
-                report.plot_losses(rows, out / "losses.png")
-                checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
-                                          out / checkpoint.SNAPSHOT)
+                    tb.tick(p.nimg, row, report.grid(fixed))
+                report.plot_losses(rows, run.losses)
+                meta = snapshot_meta(cfg, nc, p.nimg)
+                checkpoint.save_generator(gan.G_ema, meta, run.snapshot)
+
+                # Evaluate metrics; keep the best snapshot (DCGAN's FID often worsens later).
                 eval_step = t.eval_every * 1000
-                if tracker is not None and (nimg // eval_step > tick_start_nimg // eval_step
-                                            or nimg >= total):
+                if tracker is not None and (p.nimg // eval_step > tick_start_nimg // eval_step
+                                            or p.nimg >= total):
                     scores = tracker(gan.G_ema)
-                    best = scores["fid"] < best_fid
-                    if best:  # keep the best snapshot: DCGAN's FID often worsens later on
-                        best_fid = scores["fid"]
-                        checkpoint.save_generator(gan.G_ema, snapshot_meta(cfg, nc, nimg),
-                                                  out / checkpoint.BEST)
-                    report.append_stats(out / "metrics.jsonl", {
+                    best = scores["fid"] < p.best_fid
+                    if best:
+                        p.best_fid = scores["fid"]
+                        checkpoint.save_generator(gan.G_ema, meta, run.best)
+                    report.append_stats(run.metrics, {
                         "kimg": row["kimg"], **scores, "best": best, "time": time.time()})
                     row["fid"] = scores["fid"]
                     if tb is not None:
-                        tb.metrics(nimg, scores)
+                        tb.metrics(p.nimg, scores)
+
                 # Save the training state, and refresh the run's HTML report beside it.
-                if tick % t.checkpoint_ticks == 0 or nimg >= total or stopped:
-                    checkpoint.save_state(state(), out / checkpoint.CHECKPOINT)
+                if p.tick % t.checkpoint_ticks == 0 or p.nimg >= total or stopped:
+                    state = training_state(gan, batches, p, cfg, env, device)
+                    checkpoint.save_state(state, run.checkpoint)
                     if t.report:
-                        write_report(out)
+                        write_report(run)
                 bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}",
                                 refresh=False)
-            sums, steps, tick_start, tick_start_nimg = {}, 0, time.perf_counter(), nimg
+            steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
     bar.close()
     if tb is not None:
         tb.close()

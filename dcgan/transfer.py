@@ -29,7 +29,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +52,8 @@ from dcgan.models import (
     build_generator,
     plain_weights,
 )
+from dcgan.pixels import to_unit
+from dcgan.rundir import RunDir
 
 GRID = 4  # each layer's activations are max-pooled to GRID x GRID, as in the paper
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # weight of 0.5 * |W|^2 beside the mean loss
@@ -97,11 +98,6 @@ def body(d: Discriminator) -> nn.Sequential:
 def d_features(d: Discriminator, x: torch.Tensor) -> torch.Tensor:
     """Images x (N, nc, R, R) in [-1, 1] -> D features (N, feature_dim(ndf, R))."""
     return pooled_features(body(d), x)
-
-
-def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, R, R) -> float32 in [-1, 1], the range D was trained on."""
-    return torch.as_tensor(images).to(torch.float32) / 127.5 - 1.0  # 0 -> -1, 255 -> 1
 
 
 @torch.no_grad()
@@ -334,13 +330,13 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
     counts = _parse_label_counts(labels)
     if draws < 1:
         raise UserError(f"--draws must be >= 1, got {draws}")
-    run = Path(run_dir)
-    state = checkpoint.load_state(run / checkpoint.CHECKPOINT)
-    cfg = Config.from_dict(state["config"])
-    resolution = cfg.data.resolution
-    d_first = state["D"].get("main.0.weight",  # D's first conv: (ndf, nc, 4, 4)
-                             state["D"].get("main.0.parametrizations.weight.original"))
-    nc = d_first.shape[1]
+    run = RunDir(run_dir)
+    state = checkpoint.load_state(run.checkpoint)
+    cfg = Config.from_dict(state["config"])  # resolved: channels filled in by training
+    resolution, nc = cfg.data.resolution, cfg.data.channels
+    if nc == 0:  # runs from before training recorded it: D's first conv is (ndf, nc, 4, 4)
+        nc = state["D"].get("main.0.weight",
+                            state["D"].get("main.0.parametrizations.weight.original")).shape[1]
     src = source or cfg.data.dataset
 
     train = load_images(src, resolution, nc, "train", cfg.data.cache_dir, progress)
@@ -361,8 +357,8 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
     d_trained = build_discriminator(cfg.model, nc, resolution)  # spectral norm if trained so
     d_trained.load_state_dict(state["D"])
     d_untrained = build_discriminator(cfg.model, nc, resolution)
-    if (run / checkpoint.D_INIT).is_file():  # recorded by training before its first step
-        d_untrained.load_state_dict(load_file(str(run / checkpoint.D_INIT)))
+    if run.d_init.is_file():  # recorded by training before its first step
+        d_untrained.load_state_dict(load_file(str(run.d_init)))
     else:  # runs from before that file existed: replay training_loop's seeding (G, then D)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
@@ -423,7 +419,7 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
         notes.append(f"'all' uses a random {max_train} of the {len(y_train)} training images "
                      "(max_train) to keep the classifiers' training affordable")
     return {
-        "run": str(run), "source": train.source, "resolution": resolution, "channels": nc,
+        "run": str(run.path), "source": train.source, "resolution": resolution, "channels": nc,
         "classes": k, "n_train_split": len(y_train), "n_test": len(y_test), "draws": draws,
         "feature_dims": {"d": feature_dim(cfg.model.ndf, resolution),
                          "pixels": nc * resolution * resolution},

@@ -35,6 +35,7 @@ from typing import Any
 
 from dcgan.config import Config, apply_overrides, field_index, from_preset
 from dcgan.errors import UserError
+from dcgan.rundir import RunDir
 
 STUDY_NAME = "dcgan"
 DB = "study.db"
@@ -251,7 +252,7 @@ class TrialFailed(Exception):
 def _read_metrics(folder: Path) -> list[dict[str, Any]]:
     from dcgan.report import read_stats
 
-    return read_stats(folder / "metrics.jsonl")
+    return read_stats(RunDir(folder).metrics)
 
 
 def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
@@ -268,7 +269,7 @@ def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
         cfg = from_preset(settings.preset, overrides)
     except UserError as e:  # a point of the space the config refuses: a failed trial
         raise TrialFailed(str(e)) from None
-    if (folder / "checkpoint.pt").is_file():  # the retry of a killed trial: continue it
+    if RunDir(folder).checkpoint.is_file():  # the retry of a killed trial: continue it
         cmd = ["train", "--resume", str(folder), "--kimg", str(settings.kimg)]
     else:
         folder.mkdir(parents=True, exist_ok=True)
@@ -407,7 +408,7 @@ def summary(out: str | Path, storage_url: str | None = None, plots: bool = True)
         except (ValueError, RuntimeError) as e:
             lines.append(f"parameter importances: not computed ({e})")
     folder = out / best.user_attrs.get("folder", "")
-    cfg_file = folder / "config.json"
+    cfg_file = RunDir(folder).config
     if cfg_file.is_file():
         # the trial's config, less what was settled for the machine it ran on and less
         # the in-training evaluation the search needed: a config to train anywhere

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from dcgan.bench import (
+from dcgan.bench.train import (
     _children_cpu_ticks,
     run_bench,
     train_flops_per_image,

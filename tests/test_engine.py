@@ -597,7 +597,7 @@ def test_denoiser_improves_psnr_and_matches_autograd() -> None:
 
 # ---------------------------------------------------------------- benchmark helper
 def test_compare_dcgan_steps_times_each_impl_in_turn() -> None:
-    from dcgan.engine.bench import IMPLS, compare_dcgan_steps
+    from dcgan.bench.engine import IMPLS, compare_dcgan_steps
 
     times = compare_dcgan_steps(IMPLS, batch=2, resolution=32, nc=1, steps=3, warmup=1, width=8)
     assert set(times) == set(IMPLS)

@@ -461,7 +461,7 @@ def test_ab_wiring_noise_scores_low_and_parzen_rewards_the_data(domain):
 
 @needs_fmnist
 def test_a_damaged_cached_classifier_is_trained_again(tmp_path, capsys):
-    from dcgan.features import classifier_paths
+    from dcgan.classifier import classifier_paths
 
     first = DomainExtractor("fashion-mnist", 32, 1, cache_dir=tmp_path, progress=False)
     weights, _ = classifier_paths("fashion-mnist", 32, 1, tmp_path)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan import checkpoint
+from dcgan import checkpoint, rundir
+from dcgan.bench.generator import time_generator
 from dcgan.errors import UserError
-from dcgan.export import export_generator, fold_batchnorm, load_exported, time_generator
+from dcgan.export import export_generator, fold_batchnorm, load_exported
 from dcgan.models import Generator, init_weights
 
 TOL = 1e-5
@@ -37,7 +38,7 @@ def make_snapshot(folder, resolution: int, nc: int = 3):
     g = tiny_generator(resolution, nc)
     meta = {"nz": 12, "ngf": 8, "nc": nc, "resolution": resolution, "g_dropout": 0.0,
             "dataset": "fake", "kimg": 0.5}
-    checkpoint.save_generator(g, meta, folder / checkpoint.SNAPSHOT)
+    checkpoint.save_generator(g, meta, folder / rundir.SNAPSHOT)
     return g
 
 
@@ -92,7 +93,7 @@ def test_export_carries_its_metadata(tmp_path):
     import onnx
 
     make_snapshot(tmp_path, 32)
-    pt = export_generator(str(tmp_path / checkpoint.SNAPSHOT), "torchscript",
+    pt = export_generator(str(tmp_path / rundir.SNAPSHOT), "torchscript",
                           str(tmp_path / "g.pt"))
     extra = {"dcgan.json": ""}
     with pytest.warns(DeprecationWarning):  # torch.jit is deprecated upstream; it still loads

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcgan import checkpoint
+from dcgan import checkpoint, rundir
 from dcgan.checkpoint import load_state
 from dcgan.cli import main
 from dcgan.config import from_preset
@@ -53,7 +53,7 @@ def test_sigkill_at_random_moments_then_sigterm_and_sigint(tmp_path):
     every tick, so kills land inside writes too); each resume must load the last complete
     checkpoint and progress never goes backwards. Then SIGTERM and SIGINT: the state is
     saved at the stop and the process exits 0 with the --resume command to run."""
-    run, ckpt = tmp_path / "run", tmp_path / "run" / checkpoint.CHECKPOINT
+    run, ckpt = tmp_path / "run", tmp_path / "run" / rundir.CHECKPOINT
     rng = random.Random(7)
     seen = 0
     for attempt, sig in enumerate((signal.SIGKILL, signal.SIGKILL, signal.SIGTERM,
@@ -107,12 +107,12 @@ def test_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path):
         wait_for(run / "stats.jsonl", proc)
         proc.kill()
         proc.communicate(timeout=60)
-        assert not (run / checkpoint.CHECKPOINT).exists()  # killed in its first ticks
+        assert not (run / rundir.CHECKPOINT).exists()  # killed in its first ticks
         done = subprocess.run([sys.executable, "-m", "dcgan", "train", *map(str, again)],
                               capture_output=True, text=True, env=env_for(tmp_path),
                               cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert load_state(run / checkpoint.CHECKPOINT)["nimg"] == 160
+        assert load_state(run / rundir.CHECKPOINT)["nimg"] == 160
         assert stats_kimg(run) == [round(0.016 * t, 3) for t in range(1, 11)]  # one run
 
 
@@ -142,8 +142,8 @@ def test_force_removes_everything_of_the_old_run(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    old = ["stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png", checkpoint.CHECKPOINT,
-           checkpoint.SNAPSHOT, checkpoint.BEST, "config.json"]
+    old = ["stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png", rundir.CHECKPOINT,
+           rundir.SNAPSHOT, rundir.BEST, "config.json"]
     for name in old:
         (run / name).write_text("old")
     (run / "samples").mkdir()
@@ -184,7 +184,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
     proc = subprocess.run([sys.executable, "-c", FULL_DISK.format(tiny=tiny), str(run), which],
                           capture_output=True, text=True, env=env_for(tmp_path), cwd=tmp_path,
                           timeout=300)
-    name = checkpoint.CHECKPOINT if which == "checkpoint" else checkpoint.SNAPSHOT
+    name = rundir.CHECKPOINT if which == "checkpoint" else rundir.SNAPSHOT
     last = proc.stderr.rstrip("\n").split("\n")[-1]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
     assert last.endswith("the previous file is unchanged"), last
     assert not list(run.glob(".*.tmp"))  # the temporary file was removed
     # the checkpoint of the first run is whole and still the one at 32 images
-    state = load_state(run / checkpoint.CHECKPOINT)
+    state = load_state(run / rundir.CHECKPOINT)
     assert state["nimg"] == 32
     checkpoint.load_generator(run)
 
@@ -255,8 +255,8 @@ def test_random_bytes_as_images_never_traceback(tmp_path_factory, capsys, blobs,
     # random bytes as a checkpoint or a snapshot are refused the same way
     run = root / "run"
     run.mkdir()
-    (run / checkpoint.CHECKPOINT).write_bytes(blobs[0])
-    (run / checkpoint.SNAPSHOT).write_bytes(blobs[-1])
+    (run / rundir.CHECKPOINT).write_bytes(blobs[0])
+    (run / rundir.SNAPSHOT).write_bytes(blobs[-1])
     for argv in (["train", "--resume", str(run)], ["sample", str(run)]):
         code = main(argv)
         err = capsys.readouterr().err

@@ -9,10 +9,9 @@ import pytest
 import scipy.linalg
 
 from dcgan.errors import UserError
+from dcgan.feature_cache import StatsKey, cached_reference
 from dcgan.metrics import (
     RunningStats,
-    StatsKey,
-    cached_reference,
     feature_stats,
     fid_from_features,
     frechet_distance,

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dcgan.config import from_preset
-from dcgan.page import REPORT, build_report, compare_runs, read_run
+from dcgan.page import build_report, compare_runs, read_run
+from dcgan.rundir import RunDir
 from dcgan.train import prepare_run_dir, training_loop
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +41,7 @@ def real_run(tmp_path_factory) -> Path:
 
 
 def test_training_writes_a_report_with_every_part(real_run):
-    page = (real_run / REPORT).read_text()
+    page = RunDir(real_run).report.read_text()
     run = read_run(real_run)
     assert run.status == "finished" and len(run.grids) == 4 and len(run.metrics) == 2
     assert page.count(', "data:image/png;base64,') == 4  # every tick's grid, inlined
@@ -71,7 +72,7 @@ def test_the_report_in_a_real_browser(real_run, tmp_path):
         fetched: list[str] = []  # anything but the file itself and inline data is a network use
         page.on("request", lambda r: fetched.append(r.url)
                 if not r.url.startswith(("file:", "data:", "blob:")) else None)
-        page.goto((real_run / REPORT).as_uri())
+        page.goto(RunDir(real_run).report.as_uri())
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 5")
         first_src = page.get_attribute("#run-img", "src")
         assert "tick 1 of 4" in page.inner_text("#run-label")

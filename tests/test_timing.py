@@ -2,7 +2,7 @@
 
 import pytest
 
-from dcgan.timing import clock, in_turns
+from dcgan.bench.timing import clock, in_turns
 
 
 def test_in_turns_rotates_the_first_step_and_counts_images_and_seconds():

@@ -1,12 +1,13 @@
 """Training on CPU: a smoke run writing every artefact, exact resume, snapshots."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcgan import checkpoint
+from dcgan import checkpoint, rundir
 from dcgan.config import from_preset
 from dcgan.train import ema_beta, instance_noise_std, prepare_run_dir, training_loop
 
@@ -43,9 +44,9 @@ def test_smoke_run_writes_every_artefact(tmp_path):
     assert (out / "losses.png").stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["train"]["kimg"] == 0.064
     # the full state loads without running code; the snapshot is safetensors
-    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    state = checkpoint.load_state(out / rundir.CHECKPOINT)
     assert state["nimg"] == 64
-    tensors = load_file(out / checkpoint.SNAPSHOT)
+    tensors = load_file(out / rundir.SNAPSHOT)
     assert "main.0.weight" in tensors
     g, meta = checkpoint.load_generator(out)
     assert meta["resolution"] == 32 and meta["nc"] == 1
@@ -88,11 +89,11 @@ def test_resume_is_exact(tmp_path, options):
     run(straight, kimg=0.128, **options)
     split = tmp_path / "split"
     run(split, kimg=0.064, **options)
-    state = checkpoint.load_state(split / checkpoint.CHECKPOINT)
+    state = checkpoint.load_state(split / rundir.CHECKPOINT)
     cfg_resumed = from_preset("fmnist32", {**TINY, **options, "kimg": 0.128})
     training_loop(cfg_resumed, split, resume=state, progress=False)
-    a = checkpoint.load_state(straight / checkpoint.CHECKPOINT)
-    b = checkpoint.load_state(split / checkpoint.CHECKPOINT)
+    a = checkpoint.load_state(straight / rundir.CHECKPOINT)
+    b = checkpoint.load_state(split / rundir.CHECKPOINT)
     assert a["nimg"] == b["nimg"] == 128
     if options.get("precision") == "fp16":  # the loss scalers travel with the state
         assert a["scaler_g"] == b["scaler_g"] and a["scaler_d"] == b["scaler_d"]
@@ -167,7 +168,7 @@ def test_scratch_engine_run(tmp_path):
     out = tmp_path / "run"
     last = run(out, kimg=0.032, engine="scratch", ema_kimg=0.0, r1_gamma=0.0)
     assert last["kimg"] == 0.032 and 0 < last["d_real"] < 1
-    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    state = checkpoint.load_state(out / rundir.CHECKPOINT)
     g, _ = checkpoint.load_generator(out)
     # without EMA the snapshot is the engine G itself, loaded into the torch model
     for k, v in state["G"].items():
@@ -175,29 +176,29 @@ def test_scratch_engine_run(tmp_path):
     resumed = from_preset("fmnist32", {**TINY, "engine": "scratch", "ema_kimg": 0.0,
                                        "r1_gamma": 0.0, "kimg": 0.064})
     training_loop(resumed, out, resume=state, progress=False)
-    assert checkpoint.load_state(out / checkpoint.CHECKPOINT)["nimg"] == 64
+    assert checkpoint.load_state(out / rundir.CHECKPOINT)["nimg"] == 64
 
 
 def _poison_after(monkeypatch, calls, what: str = "weights"):
     """Make the training steps numbered in `calls` (1-based, counted over the whole run,
     replays after a rollback included) leave a NaN in G's weights or in D's loss."""
-    import dcgan.train as train_module
+    from dcgan import training_stats
+    from dcgan.step import AutogradStep
 
-    real_step, count = train_module.train_step, {"n": 0}
+    real_call, count = AutogradStep.__call__, {"n": 0}
     calls = set(calls) if not callable(calls) else calls
 
-    def step(gan, *args, **kwargs):
-        out = real_step(gan, *args, **kwargs)
+    def call(self, batches, noise_std):
+        real_call(self, batches, noise_std)
         count["n"] += 1
         if (calls(count["n"]) if callable(calls) else count["n"] in calls):
             if what == "weights":
                 with torch.no_grad():
-                    next(gan.G.parameters()).fill_(float("nan"))
+                    next(self.G_train.parameters()).fill_(float("nan"))
             else:
-                out["loss_d"] = torch.tensor(float("nan"))
-        return out
+                training_stats.report("loss_d", torch.tensor(float("nan")))
 
-    monkeypatch.setattr(train_module, "train_step", step)
+    monkeypatch.setattr(AutogradStep, "__call__", call)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -207,7 +208,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"non-finite .* 0.064 kimg .* last good checkpoint"):
         run(out, kimg=0.096)
-    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    state = checkpoint.load_state(out / rundir.CHECKPOINT)
     assert state["nimg"] == 32
     assert all(v.isfinite().all() for v in state["G"].values() if v.is_floating_point())
 
@@ -226,7 +227,7 @@ def test_two_rollbacks_with_the_default_checkpoint_interval(tmp_path, monkeypatc
     rollbacks = [e for e in events if e["event"] == "rollback"]
     assert [(e["at_kimg"], e["to_kimg"], e["lr_factor"]) for e in rollbacks] == [
         (0.224, 0.16, 0.5), (0.384, 0.32, 0.25)]
-    state = checkpoint.load_state(out / checkpoint.CHECKPOINT)
+    state = checkpoint.load_state(out / rundir.CHECKPOINT)
     base = from_preset("fmnist32").train
     assert state["opt_g"]["param_groups"][0]["lr"] == base.g_lr * 0.25  # exact, not compounded
     assert state["opt_d"]["param_groups"][0]["lr"] == base.d_lr * 0.25
@@ -258,8 +259,9 @@ def test_compiled_step_does_not_recompile_after_warm_up():
     steps of the same shapes must hit the cache. Checkpoint keys stay unprefixed."""
     import torch._dynamo
 
+    from dcgan import training_stats
     from dcgan.data import Batches
-    from dcgan.train import autocast, build_gan, train_step
+    from dcgan.step import build_gan
 
     torch._dynamo.reset()
     # with both gradient penalties, which run through the raw D (no double backward
@@ -270,12 +272,29 @@ def test_compiled_step_does_not_recompile_after_warm_up():
     images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8).numpy()
     batches = Batches(images, cfg.train.batch, torch.device("cpu"), flip=True, seed=0)
     gan = build_gan(cfg, 1, torch.device("cpu"), precision="fp32")
-    ctx, fmt = autocast("fp32", torch.device("cpu")), torch.channels_last
     for _ in range(2):  # warm-up: compiles
-        train_step(gan, batches, cfg, 0.1, ctx, fmt)
+        gan.step(batches, 0.1)
+    training_stats.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
-            out = train_step(gan, batches, cfg, 0.05, ctx, fmt)
-    assert all(torch.isfinite(v).all() for v in out.values())
+            gan.step(batches, 0.05)
+    means = training_stats.collect()
+    assert set(means) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert all(math.isfinite(v) for v in means.values())
     for net in (gan.G, gan.D):
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in net.state_dict())
+
+
+def test_the_run_folder_records_the_resolved_channels(tmp_path):
+    """config.json holds what the run resolved, channels included (0 = the source's own),
+    so sample, eval and transfer read it instead of re-deriving it from weights or data."""
+    from dcgan.rundir import RunDir
+
+    out = tmp_path / "run"
+    run(out, kimg=0.032, channels=0)
+    run_dir = RunDir(out)
+    cfg = run_dir.read_config()
+    _, meta = checkpoint.load_generator(out)
+    assert cfg.data.channels == meta["nc"] == 3  # the fake source's own: colour
+    assert (cfg.train.precision, cfg.train.channels_last) == ("fp32", "on")
+    assert checkpoint.load_state(run_dir.checkpoint)["config"]["data"]["channels"] == 3

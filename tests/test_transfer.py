@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan import checkpoint
+from dcgan import checkpoint, rundir
 from dcgan.config import from_preset
 from dcgan.errors import UserError
 from dcgan.models import Discriminator
@@ -116,7 +116,7 @@ def tiny_run(folder, dataset: str):
     d = build_discriminator(cfg.model, 1, 32)
     folder.mkdir()
     checkpoint.save_state({"G": g.state_dict(), "D": d.state_dict(), "G_ema": g.state_dict(),
-                           "config": cfg.to_dict(), "nimg": 0}, folder / checkpoint.CHECKPOINT)
+                           "config": cfg.to_dict(), "nimg": 0}, folder / rundir.CHECKPOINT)
     return folder
 
 
@@ -159,22 +159,23 @@ def test_untrained_d_baseline_is_d_before_its_first_step(tmp_path, monkeypatch):
     import dcgan.train as train_module
     from dcgan.config import from_preset
     from dcgan.models import build_discriminator, build_generator
+    from dcgan.step import AutogradStep
 
     seen = {}
-    real_step = train_module.train_step
+    real_call = AutogradStep.__call__
 
-    def spy(gan, *args, **kwargs):
-        seen.setdefault("D", {k: v.clone() for k, v in gan.D.state_dict().items()})
-        return real_step(gan, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        seen.setdefault("D", {k: v.clone() for k, v in self.D.state_dict().items()})
+        return real_call(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", spy)
+    monkeypatch.setattr(AutogradStep, "__call__", spy)
     cfg = from_preset("fmnist32", {"dataset": "fake", "channels": 1, "ngf": 8, "ndf": 8,
                                    "nz": 16, "batch": 16, "kimg": 0.032, "tick_kimg": 0.016,
                                    "precision": "fp32", "channels_last": "on", "seed": 5})
     out = tmp_path / "run"
     train_module.prepare_run_dir(out, cfg, force=False)
     train_module.training_loop(cfg, out, progress=False)
-    recorded = load_file(str(out / checkpoint.D_INIT))
+    recorded = load_file(str(out / rundir.D_INIT))
     assert set(recorded) == set(seen["D"])
     assert all(torch.equal(recorded[k], seen["D"][k]) for k in recorded)
     with torch.random.fork_rng(devices=[]):
@@ -183,5 +184,5 @@ def test_untrained_d_baseline_is_d_before_its_first_step(tmp_path, monkeypatch):
         replayed = build_discriminator(cfg.model, 1, 32).state_dict()
     assert all(torch.equal(replayed[k], seen["D"][k]) for k in recorded)
     # and the trained D moved away from it
-    trained = checkpoint.load_state(out / checkpoint.CHECKPOINT)["D"]
+    trained = checkpoint.load_state(out / rundir.CHECKPOINT)["D"]
     assert not torch.equal(trained["main.0.weight"], recorded["main.0.weight"])

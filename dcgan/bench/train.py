@@ -33,12 +33,14 @@ from torch import nn
 from tqdm import tqdm
 
 from dcgan import calibrate
+from dcgan.bench.timing import clock, in_turns, sync
 from dcgan.config import Config, from_preset
+from dcgan.data import Batches
 from dcgan.errors import UserError
 from dcgan.machine import device_label
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
-from dcgan.step import GAN, autocast, build_gan, memory_format, train_step
-from dcgan.timing import clock, in_turns, sync
+from dcgan.pixels import to_unit
+from dcgan.step import GAN, build_gan
 
 # ---------------------------------------------------------------- FLOPs
 
@@ -243,20 +245,10 @@ def wait_for_idle_workers(poll_s: float = 0.02, quiet_polls: int = 3,
 # ---------------------------------------------------------------- dcgan's own step
 
 
-class ResidentBatches:
-    """Batches indexed from a uint8 tensor kept on the device (the dcgan data path)."""
-
-    def __init__(self, images: torch.Tensor, batch: int):
-        self.images, self.batch = images, batch
-        self.gen = torch.Generator().manual_seed(0)
-
-    def __next__(self) -> torch.Tensor:
-        idx = torch.randint(0, self.images.shape[0], (self.batch,), generator=self.gen)
-        return self.images[idx.to(self.images.device)].float() / 127.5 - 1.0
-
-
 class HostBatches:
-    """Float batches built on the host and copied each step (no resident data)."""
+    """Float batches built on the host and copied each step (no resident data): the
+    variant rows' data path, so each isolates one switch. The `default` row uses
+    the training loop's own `data.Batches` (uint8 resident on the device)."""
 
     def __init__(self, images: np.ndarray, batch: int, device: torch.device):
         self.images, self.batch, self.device = torch.from_numpy(images), batch, device
@@ -264,7 +256,7 @@ class HostBatches:
 
     def __next__(self) -> torch.Tensor:
         idx = torch.randint(0, self.images.shape[0], (self.batch,), generator=self.gen)
-        return (self.images[idx].float() / 127.5 - 1.0).to(self.device)
+        return to_unit(self.images[idx]).to(self.device)
 
 
 class DcganStep:
@@ -273,13 +265,11 @@ class DcganStep:
         cfg = calibrate.apply(cfg, calibrate.resolve(cfg, nc, device, cfg.data.cache_dir))
         precision = cfg.train.precision
         self.gan: GAN = build_gan(cfg, nc, device, precision=precision)
-        self.cfg, self.batches = cfg, batches
-        self.ctx = autocast(precision, device)
-        self.fmt = memory_format(cfg)
+        self.batch, self.batches = cfg.train.batch, batches
 
     def __call__(self) -> int:
-        train_step(self.gan, self.batches, self.cfg, 0.0, self.ctx, self.fmt)
-        return self.cfg.train.batch
+        self.gan.step(self.batches, 0.0)  # the training loop's very step
+        return self.batch
 
 
 # ---------------------------------------------------------------- the rows
@@ -326,7 +316,7 @@ def warm_up(step, warmup: int, device: torch.device) -> float:
 def time_interleaved(steps: dict[str, Any], windows: int, steps_per_window: int,
                      device: torch.device, after_window=lambda: None) -> dict[str, float]:
     """Median images/s of each step over `windows` windows of `steps_per_window`
-    steps, the steps timed in turns (`dcgan.timing.in_turns` says why)."""
+    steps, the steps timed in turns (`dcgan.bench.timing.in_turns` says why)."""
     wins = in_turns(steps, windows, steps_per_window, clock("wall", device), after_window)
     return {name: statistics.median(n / s for n, s in w) for name, w in wins.items()}
 
@@ -348,15 +338,15 @@ def build_step(name: str, kind: str, cfg: Config, images: np.ndarray, device: to
                                                  num_workers=2, drop_last=True,
                                                  persistent_workers=True)
         else:  # synthetic: tensors already decoded, as the example's fake data
-            x = torch.from_numpy(images).float() / 127.5 - 1
+            x = to_unit(images)
             loader = torch.utils.data.DataLoader(x, batch_size=b, shuffle=True, drop_last=True)
         return ReferenceStep(cfg, nc, device, loader)
     if name == "default":
-        return DcganStep(cfg, nc, device, ResidentBatches(torch.from_numpy(images).to(device), b))
+        return DcganStep(cfg, nc, device, Batches(images, b, device, flip=cfg.data.flip, seed=0))
     return DcganStep(cfg, nc, device, HostBatches(images, b, device))
 
 
-def run_bench(device_name: str = "auto", batches: tuple[int, ...] = (64, 128),
+def run_bench(device_name: str = "auto", *, batches: tuple[int, ...] = (64, 128),
               resolutions: tuple[int, ...] = (64, 32), data_kinds: tuple[str, ...] = (
                   "synthetic", "real"), dataset: str = "emoji", names: tuple[str, ...] = (),
               warmup: int = 3, windows: int = 5, steps: int = 3,
@@ -513,51 +503,3 @@ def profile_default(device_name: str = "auto", batch: int = 64, resolution: int 
         prof.export_chrome_trace(str(trace))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=top)
-
-
-# ---------------------------------------------------------------- feature extractors
-
-
-def time_extractors(device_name: str = "cpu", batch: int = 32, windows: int = 5,
-                    calls: int = 1, progress: bool = True) -> list[dict[str, Any]]:
-    """uint8 32x32 grey images -> features, img/s of each extractor, timed in turns:
-    the pinned TorchScript Inception (NCHW input, as loaded, and with a channels-last
-    input), the eager BN-folded rebuild `dcgan eval` uses, and the domain classifier."""
-    import warnings
-
-    import torch.nn.functional as F
-
-    from dcgan.data import load_images
-    from dcgan.features import DomainExtractor, InceptionExtractor, inception_path
-    from dcgan.machine import resolve_device
-
-    device = resolve_device(device_name)
-    images = torch.from_numpy(load_images("fashion-mnist", 32, 1, split="test",
-                                          progress=False).images[:batch])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.load(str(inception_path()), map_location=device).eval()
-
-    def scripted_step(fmt: torch.memory_format):
-        def run() -> int:
-            with torch.no_grad():
-                x = images.to(device, torch.float32).expand(-1, 3, -1, -1)
-                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-                scripted((x / 128.0 - 1.0).contiguous(memory_format=fmt))
-            return batch
-        return run
-
-    eager, domain = InceptionExtractor(device), DomainExtractor("fashion-mnist", 32, 1,
-                                                               device=device, progress=progress)
-    steps = {"inception-torchscript": scripted_step(torch.contiguous_format),
-             "inception-torchscript-cl-input": scripted_step(torch.channels_last),
-             "inception-eager-folded": lambda: len(eager.features(images)),
-             "domain": lambda: len(domain.features(images))}
-    for step in steps.values():  # warm-up: oneDNN primitives, allocator
-        step()
-    bar = tqdm(total=windows, desc="extractors", unit="window", disable=not progress)
-    wins = in_turns(steps, windows, calls, clock("wall", device), lambda: bar.update(1))
-    bar.close()
-    label = device_label(device)
-    return [{"name": name, "device": label, "batch": batch,
-             "img_per_s": statistics.median(n / s for n, s in w)} for name, w in wins.items()]

@@ -3,9 +3,9 @@
 `compare_dcgan_steps` builds G and D for each implementation at nz=100,
 ngf=ndf=64 (the canonical widths, or `width`), float32, default contiguous (NCHW)
 memory format, from the same weights; it warms each up, then times them
-round-robin, one step each in turn (`dcgan.timing.in_turns`), so that a busy
+round-robin, one step each in turn (`dcgan.bench.timing.in_turns`), so that a busy
 shared machine slows them all alike. `dcgan bench --engine` and
-`python -m dcgan.engine.bench` print that comparison. clock="cpu" counts this
+`python -m dcgan.bench.engine` print that comparison. clock="cpu" counts this
 process's CPU time instead of wall time (meaningful with one intra-op thread),
 which is far steadier when other jobs compete for the cores.
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 from functools import partial
+from typing import Any
 
 import torch
 
-from dcgan import timing
+from dcgan.bench import timing
 from dcgan.engine.gan import ScratchGAN
 from dcgan.engine.reference import TorchGAN
 
@@ -61,6 +62,54 @@ def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolut
     # one step per window, so every step's own time is kept (median and minimum)
     windows = timing.in_turns(timed, steps, 1, timing.clock(clock, device))
     return {impl: [sec for _, sec in w] for impl, w in windows.items()}
+
+
+def step_rows(resolutions: list[int], batches: list[int], steps: int, warmup: int,
+              device: str) -> list[dict[str, Any]]:
+    """One row per (implementation, resolution, batch): median seconds per step."""
+    rows = []
+    for r in resolutions:
+        for b in batches:
+            times = compare_dcgan_steps(IMPLS, b, r, 3, device, steps, warmup)
+            secs = {impl: statistics.median(t) for impl, t in times.items()}
+            rows += [{"name": impl, "device": device, "batch": b, "resolution": r,
+                      "sec_per_step": sec, "img_per_s": b / sec,
+                      "x_torch": sec / secs["torch"]} for impl, sec in secs.items()]
+    return rows
+
+
+def denoiser_rows(epochs: int, device: str) -> list[dict[str, Any]]:
+    """Seed 003's denoiser: seconds per epoch, engine (each kernel) vs torch autograd.
+
+    Each run_denoise trains both from the same weights on the same batches, the
+    engine's epoch and torch's epoch alternating; the median epoch is reported."""
+    from dcgan.engine.denoise import run_denoise
+
+    rows = []
+    for kernel in ("native", "unfold"):
+        res = run_denoise(epochs, device, kernel, log=None)
+        torch_sec = statistics.median(res["torch"]["sec_per_epoch"])
+        for impl in ("engine", "torch"):
+            sec = statistics.median(res[impl]["sec_per_epoch"])
+            name = f"engine-{kernel}" if impl == "engine" else "torch"
+            rows.append({"name": f"denoiser/{name}", "device": device, "kernel_run": kernel,
+                         "epochs": epochs, "sec_per_epoch": sec, "x_torch": sec / torch_sec,
+                         "val_psnr": res[impl]["psnr"][-1]})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    steps = [r for r in rows if "sec_per_step" in r]
+    lines = [f"{'impl':<14} {'batch':>5} {'res':>4} {'s/step':>8} {'img/s':>8} {'x torch':>8}"]
+    lines += [f"{r['name']:<14} {r['batch']:>5} {r['resolution']:>4} {r['sec_per_step']:>8.4f} "
+              f"{r['img_per_s']:>8.1f} {r['x_torch']:>8.2f}" for r in steps]
+    denoise = [r for r in rows if "sec_per_epoch" in r]
+    if denoise:
+        lines += ["", f"{'denoiser':<14} {'kernel':>7} {'s/epoch':>8} {'x torch':>8} "
+                      f"{'val PSNR':>9}"]
+        lines += [f"{r['name'].split('/')[1]:<14} {r['kernel_run']:>7} {r['sec_per_epoch']:>8.2f} "
+                  f"{r['x_torch']:>8.2f} {r['val_psnr']:>9.2f}" for r in denoise]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
