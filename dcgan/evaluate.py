@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from dcgan import __version__, atomic
+from dcgan.config import FEATURES
 from dcgan.data import LABELLED, SOURCES, SPLITS
 from dcgan.errors import UserError
 from dcgan.feature_cache import StatsKey, cached_reference
 from dcgan.features import (
-    FEATURES,
     DomainExtractor,
     Extractor,
     batches,

@@ -14,7 +14,7 @@ the command behind `dcgan eval` in `dcgan.evaluate`.
 - Inception Score (Salimans et al. 2016) over class logits or probabilities;
   with the domain classifier it is called the classifier score.
 - Parzen-window log-likelihood (Goodfellow et al. 2014) on pixels in [0, 1].
-- `RunningStats`: streaming float64 mean / covariance.
+- `feature_stats`: float64 mean and covariance of a feature set.
 
 No I/O here: the cache of reference features is `dcgan.feature_cache`.
 """
@@ -59,59 +59,17 @@ def _same_dim(a: np.ndarray, b: np.ndarray, what: str = "features") -> None:
 # Streaming mean / covariance
 
 
-class RunningStats:
-    """Mean and covariance of rows fed in batches, in float64.
-
-    Batches are merged with the pairwise update of Chan, Golub & LeVeque
-    (1979) on (count, mean, centred sum of squares M2), which avoids the
-    cancellation of the naive sum(x x^T) - n mu mu^T when the mean is large
-    relative to the spread. The result equals the one-shot `np.cov` up to
-    float64 rounding, whatever the batch sizes.
-    """
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.n = 0
-        self._mean = np.zeros(dim, dtype=np.float64)  # (D,)
-        self._m2 = np.zeros((dim, dim), dtype=np.float64)  # (D, D) sum of centred outer products
-
-    def update(self, batch: np.ndarray) -> None:
-        """Add a (B, D) batch; B may be 0."""
-        x = np.asarray(batch, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise UserError(f"expected a batch of shape (B, {self.dim}), got {x.shape}")
-        nb = x.shape[0]
-        if nb == 0:
-            return
-        if not np.isfinite(x).all():
-            raise UserError("features contain NaN or inf")
-        mean_b = x.mean(axis=0)
-        xc = x - mean_b
-        m2_b = xc.T @ xc
-        n = self.n + nb
-        delta = mean_b - self._mean
-        self._m2 += m2_b + np.outer(delta, delta) * (self.n * nb / n)
-        self._mean += delta * (nb / n)
-        self.n = n
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self._mean.copy()
-
-    @property
-    def cov(self) -> np.ndarray:
-        """Unbiased (N - 1) sample covariance, (D, D)."""
-        if self.n < 2:
-            raise UserError(f"need at least 2 samples for a covariance, got {self.n}")
-        return self._m2 / (self.n - 1)
-
-
 def feature_stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features -> mean (D,), unbiased covariance (D, D), both float64."""
-    f = as_features(f)
-    stats = RunningStats(f.shape[1])
-    stats.update(f)
-    return stats.mean, stats.cov
+    """(N, D) features -> mean (D,), unbiased covariance (D, D), both float64.
+
+    The rows are centred before the product (in float64), which avoids the
+    cancellation of the naive sum(x x^T) - n mu mu^T when the mean is large
+    relative to the spread.
+    """
+    x = as_features(f)
+    mu = x.mean(axis=0)
+    xc = x - mu
+    return mu, xc.T @ xc / (x.shape[0] - 1)
 
 
 # ----------------------------------------------------------------------------------------------
