@@ -3,7 +3,8 @@
 # fmnist32 lessons carried to 64x64 (`color64`), with and without DiffAugment, each
 # trained for the same kimg on the emoji set (3,780 glyphs, no test split), then
 # Inception FID of 2,000 G-EMA samples against a seeded random 2,000 of the glyphs.
-# Run alone on the machine: bash docs/quality64-study.sh [NAME ...] (default: all).
+# Run alone on the machine: bash docs/quality64-study.sh [NAME[@SEED] ...] (default:
+# all, seed 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DCGAN=.venv/bin/dcgan
@@ -18,23 +19,25 @@ declare -A CFG=(
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(dcgan64 color64-nodiffaug color64)
-for name in "${names[@]}"; do
-  run="$OUT/$name"
+for entry in "${names[@]}"; do
+  name=${entry%@*}; seed=0; [[ $entry == *@* ]] && seed=${entry#*@}
+  run="$OUT/$name-s$seed"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  eval $DCGAN train ${CFG[$name]} --kimg "$KIMG" --tick-kimg 5 --seed 0 --out "$run" --force --quiet
+  eval $DCGAN train ${CFG[$name]} --kimg "$KIMG" --tick-kimg 5 --seed "$seed" --out "$run" \
+      --force --quiet
   trained=$(date +%s)
   $DCGAN eval "$run" emoji --features inception --n 2000 --metrics fid,kid \
-      --quiet --json "$RES/64-$name-inception.json" > /dev/null
+      --quiet --json "$RES/64-$name-s$seed-inception.json" > /dev/null
   done_=$(date +%s)
-  cp "$run"/samples/"$(ls "$run"/samples | tail -1)" "$RES/64-$name-grid.png"
-  python3 - "$run" "$name" "$((trained - start))" "$((done_ - trained))" <<'PY'
+  cp "$run"/samples/"$(ls "$run"/samples | tail -1)" "$RES/64-$name-s$seed-grid.png"
+  python3 - "$run" "$name" "$seed" "$((trained - start))" "$((done_ - trained))" <<'PY'
 import json, statistics, sys
-run, name, train_s, eval_s = sys.argv[1:]
+run, name, seed, train_s, eval_s = sys.argv[1:]
 rows = [json.loads(x) for x in open(f"{run}/stats.jsonl")]
-inc = json.load(open(f"docs/quality/64-{name}-inception.json"))
+inc = json.load(open(f"docs/quality/64-{name}-s{seed}-inception.json"))
 first = json.loads(open(f"{run}/events.jsonl").readline())
-print(json.dumps({"name": name, "kimg": rows[-1]["kimg"], "inception_fid": inc["fid"],
+print(json.dumps({"name": name, "seed": int(seed), "kimg": rows[-1]["kimg"], "inception_fid": inc["fid"],
                   "train_s": int(train_s), "eval_s": int(eval_s),
                   "img_per_s": statistics.median(r["img_per_s"] for r in rows),
                   "precision": first.get("precision"),
