@@ -78,14 +78,14 @@ class EMA:
 
     def __init__(self, g_ema: nn.Module, g) -> None:
         src = g.state_dict()
-        names, self.ema_params = zip(*g_ema.named_parameters(), strict=True)
-        self.params = [src[n] for n in names]
+        names, ema_params = zip(*g_ema.named_parameters(), strict=True)
+        self.ema_params, self.params = list(ema_params), [src[n] for n in names]
         self.buffers = [(b, src[n]) for n, b in g_ema.named_buffers()]
 
     @torch.no_grad()
     def update(self, beta: float) -> None:
         """beta 0 (no EMA) copies G."""
-        torch._foreach_lerp_(list(self.ema_params), self.params, 1.0 - beta)
+        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
         for b, src in self.buffers:
             b.copy_(src)
 
