@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dcgan import atomic
+from dcgan import atomic, checkpoint
 from dcgan.errors import UserError
 from dcgan.pixels import to_unit
 
@@ -80,8 +80,6 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
 
     Returns the record written beside the weights (test accuracy, training time, ...).
     """
-    from safetensors.torch import save_file
-
     from dcgan.data import load_images
 
     train = load_images(source, resolution, channels, split="train", cache_dir=str(cache_dir),
@@ -137,7 +135,6 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
         "threads": torch.get_num_threads(),
     }
     weights, meta = classifier_paths(source, resolution, channels, cache_dir)
-    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    atomic.write(weights, lambda p: save_file(tensors, p))
+    checkpoint.save_state_dict(net, weights)
     atomic.write_text(meta, json.dumps(record, indent=2) + "\n")
     return record
