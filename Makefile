@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 # Debian packages holding the real data sets (DESIGN.md section 4).
 DEB_DATA := dataset-fashion-mnist fonts-noto-color-emoji
 
-.PHONY: venv data browser postgres demo test lint clean
+.PHONY: venv data browser postgres demo test lint gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ test: venv data browser postgres
 
 lint: venv
 	$(BIN)/ruff check .
+
+# Every CUDA path once, within 8 minutes of a lent GPU; report in gpu-check/
+# (`python -m dcgan.gpu_check --dry-run` rehearses it on the CPU).
+gpu-check: venv
+	$(BIN)/python -m dcgan.gpu_check --out gpu-check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
