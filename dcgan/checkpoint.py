@@ -80,6 +80,28 @@ def snapshot_path(path: str | Path) -> Path:
     return path
 
 
+# the snapshot metadata every reader relies on, and its JSON type
+_META_INTS = ("nz", "ngf", "nc", "resolution")
+_META_NUMBERS = ("g_dropout", "kimg")
+
+
+def _check_meta(path: Path, meta: object) -> None:
+    """Metadata of the right JSON types, so that no reader fails later on a "100" or a
+    null: a snapshot is a file a user may have edited or received from anyone."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} does not hold a dcgan generator: its metadata is not an "
+                        "object")
+    for key in (*_META_INTS, *_META_NUMBERS):
+        value = meta.get(key)
+        want_int = key in _META_INTS
+        ok = (isinstance(value, int) if want_int else isinstance(value, (int, float))) and (
+            not isinstance(value, bool)) and (value > 0 if want_int else value >= 0)
+        if not ok:
+            kind = "a positive integer" if want_int else "a number >= 0"
+            raise UserError(f"{path} does not hold a dcgan generator: metadata {key} must be "
+                            f"{kind}, got {value!r}")
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu"
                    ) -> tuple[Generator, dict[str, Any]]:
     """Load a snapshot (or a run folder's) into an eval-mode Generator; returns (G, meta).
@@ -93,9 +115,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
         tensors = load_file(str(path))
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise UserError(f"{path} is not a dcgan generator snapshot: {e}") from e
+    _check_meta(path, meta)
     try:
-        g = Generator(int(meta["nz"]), int(meta["ngf"]), int(meta["nc"]),
-                      int(meta["resolution"]), float(meta["g_dropout"]))
+        g = Generator(meta["nz"], meta["ngf"], meta["nc"], meta["resolution"],
+                      float(meta["g_dropout"]))
         g.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         # a safetensors file of the right format whose metadata or weights are not a

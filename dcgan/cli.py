@@ -1,5 +1,5 @@
 """The `dcgan` command line: train, sample, eval, bench, transfer, tune, info, report,
-compare, export, data.
+compare, export, import, data.
 
 Every config field is also a flag (`--d-lr 1e-4` sets train.d_lr). Mistakes a
 user can fix end in one line on stderr and exit status 2, never a traceback.
@@ -8,22 +8,19 @@ user can fix end in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
+from dcgan import atomic
 from dcgan.config import (
     CHOICES,
     FEATURES,
     PRESETS,
     TRISTATE,
-    apply_overrides,
     field_index,
     from_preset,
-    load_json,
     one_of,
 )
 from dcgan.errors import UserError
@@ -57,62 +54,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dcgan import checkpoint
-    from dcgan.config import Config
-    from dcgan.dist import restarted_by_torchrun
-    from dcgan.rundir import RunDir, locked
-    from dcgan.train import prepare_run_dir, training_loop
+    from dcgan import launch
 
-    overrides = _overrides(args)
-    resume = None
-    if not args.resume and args.out and restarted_by_torchrun() and (
-            RunDir(args.out).checkpoint.is_file()):
-        # torchrun --max-restarts relaunches the same command after a rank died:
-        # continue from the run's last complete checkpoint instead of refusing the folder
-        args.resume = args.out
-        overrides = {k: v for k, v in overrides.items() if k in ("kimg", "device")}
-        print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {args.out}",
-              file=sys.stderr)
-    if args.resume:
-        run = RunDir(args.resume)
-        extra = set(overrides) - {"kimg", "device"}
-        if extra:
-            raise UserError("--resume continues the run with its own config; only --kimg and "
-                            f"--device may change (got --{', --'.join(sorted(extra))})")
-        if run.checkpoint.is_file():
-            resume = checkpoint.load_state(run.checkpoint)
-            cfg = apply_overrides(Config.from_dict(resume["config"]), overrides)
-        elif run.config.is_file():
-            # stopped before its first checkpoint: nothing to continue, so the run starts
-            # again from its own config (what it had written is of a run that is gone)
-            cfg = apply_overrides(run.read_config(), overrides)
-            print(f"{run.path} has no {run.checkpoint.name} yet: starting it again from its "
-                  f"{run.config.name}", file=sys.stderr)
-        else:
-            raise UserError(f"--resume {run.path}: not a run folder (no {run.checkpoint.name} "
-                            f"or {run.config.name})")
-        out = run.path
-    else:
-        # --config FILE (e.g. dcgan tune's best.json) replaces the preset; flags override it
-        cfg = (apply_overrides(load_json(args.config), overrides) if args.config
-               else from_preset(args.preset, overrides))
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{stamp}"
-    from dcgan.machine import resolve_device
-
-    resolve_device(cfg.train.device)  # --device cuda without CUDA: one line, before any work
+    # the run-folder logic (resume, torchrun restarts, the lock) is dcgan.launch's, which
+    # dcgan.train() calls too
+    if args.resume and (args.preset or args.config):
+        raise UserError("--resume continues the run with its own config: leave out "
+                        f"{'--preset' if args.preset else '--config'}")
+    if args.preset and args.config:
+        raise UserError("give --preset or --config, not both (flags override either)")
+    p = launch.plan(args.preset or "fmnist32", _overrides(args), config=args.config,
+                    out=args.out,
+                    resume=args.resume, force=args.force)
     if args.dry_run:
-        print(cfg.to_json())
+        print(p.cfg.to_json())
         return 0
-    # one writer per run folder (under torchrun, rank 0 writes and holds the lock)
-    lock = locked(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
-    with lock:
-        if resume is None:
-            prepare_run_dir(out, cfg, args.force or bool(args.resume))
-        else:
-            RunDir(out).config.write_text(cfg.to_json() + "\n")
-        print(f"run folder: {out}", file=sys.stderr)
-        last = training_loop(cfg, out, resume=resume, progress=not args.quiet)
+    last = launch.execute(p, progress=not args.quiet)
+    out = p.out
     state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else (
         "done")
     print(f"{state} at {last.get('kimg', 0)} kimg. In {out}:\n"
@@ -127,13 +85,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from dcgan import latent
-    from dcgan.checkpoint import load_generator
-    from dcgan.report import save_grid
+    from dcgan.api import save_grid
+    from dcgan.generator import load
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    g, meta = load_generator(args.run, args.device)
-    nz = meta["nz"]
+    g = load(args.run, args.device)  # a run, a snapshot, a Hub folder or a canonical .pth
+    meta, nz = g.meta, g.meta["nz"]
+    if args.out_dir:
+        from dcgan.pngs import write_samples
+
+        if args.interpolate or args.arithmetic:
+            raise UserError("--out-dir writes plain samples: leave out --interpolate and "
+                            "--arithmetic (or write their grid with --out)")
+        write_samples(g, args.n, args.out_dir, args.seed, args.truncation,
+                      progress=not args.quiet)
+        print(f"wrote {args.n} PNG files ({meta['resolution']}px, {meta['kimg']} kimg, seed "
+              f"{args.seed}) to {args.out_dir}")
+        return 0
     if args.interpolate:
         images = latent.interpolation_grid(g, nz, args.interpolate, args.steps, args.seed,
                                            args.truncation)
@@ -144,7 +113,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         images = latent.vector_arithmetic(g, bank, a, b, c)
         nrow, what = latent.ARITHMETIC_NROW, "mean A, mean B, mean C, A - B + C, neighbours"
     else:
-        images = latent.decode(g, latent.latent_bank(args.n, nz, args.seed, args.truncation))
+        images = g.sample(args.n, args.seed, args.truncation)  # the latents of latent_bank
         nrow, what = 0, f"{args.n} samples (index i at row i // columns, row-major)"
     path = save_grid(images, args.out, nrow)
     print(f"wrote {what} ({meta['resolution']}px, {meta['kimg']} kimg) to {path}")
@@ -208,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         args.steps, not args.quiet)
         print(features.format_table(rows))
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+            atomic.write_text(args.json, json.dumps(rows, indent=1) + "\n")
         return 0
     if args.profile:
         data = _csv(args.data)[0]
@@ -234,10 +203,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dcgan.evaluate import evaluate, format_table
+    from dcgan.api import evaluate
+    from dcgan.evaluate import format_table
 
     result = evaluate(args.a, args.b, _csv(args.metrics), args.features, args.n,
-                      device=args.device, json_path=args.json, progress=not args.quiet)
+                      device=args.device, json=args.json, progress=not args.quiet)
     print(format_table(result))
     if args.json:
         print(f"wrote {args.json}")
@@ -252,7 +222,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                           progress=not args.quiet)
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        atomic.write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -313,8 +283,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UserError("dcgan tune needs --out STUDY_FOLDER (or --summary STUDY_FOLDER)")
     if args.trials < 1 or args.kimg <= 0 or args.eval_every <= 0:
         raise UserError("--trials must be >= 1, --kimg and --eval-every > 0")
-    fixed = tune.parse_fix(args.fix)
-    base = from_preset(args.preset, fixed)  # unknown or bad --fix values: the config's message
+    # --dataset / --resolution pin those fields like --fix; bad values: the config's message
+    fixed, base = tune.base_config(args.preset, args.fix, args.dataset, args.resolution)
     space = tune.load_space(args.space, fixed, base)
     settings = tune.Settings(args.preset, args.trials, args.kimg, args.eval_features,
                              args.eval_n, args.eval_every, args.pruner, args.seed, args.device)
@@ -349,6 +319,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from dcgan.canonical import import_run
+    from dcgan.generator import load
+
+    out = import_run(args.checkpoint, args.out, args.dataset)
+    meta = load(out, "cpu").meta
+    print(f"imported {args.checkpoint} (nz {meta['nz']}, ngf {meta['ngf']}, nc {meta['nc']}, "
+          f"64px) as the run folder {out}: dcgan sample, eval, export and report read it")
+    return 0
+
+
 def bench_engine(args: argparse.Namespace) -> int:
     """dcgan.engine (both kernels) vs torch autograd on the same DCGAN step, same run."""
     from dcgan.bench import engine
@@ -361,7 +342,7 @@ def bench_engine(args: argparse.Namespace) -> int:
         rows += engine.denoiser_rows(args.denoise_epochs, device)
     print(engine.format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        atomic.write_text(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 
@@ -375,7 +356,7 @@ def bench_generator(args: argparse.Namespace) -> int:
                                     progress=not args.quiet)
     print(generator.format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        atomic.write_text(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 
@@ -385,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a DCGAN",
                        description="Train a DCGAN. Every config field is a flag.")
-    t.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default fmnist32)")
     t.add_argument("--config", metavar="FILE.json",
                    help="a config file (config.json of a run, dcgan tune's best.json) instead "
                    "of --preset; flags given with it override it")
@@ -398,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="write a grid of samples from a run's generator")
-    s.add_argument("run", help="run folder or generator.safetensors")
+    s.add_argument("run", help="run folder, generator.safetensors, a folder of dcgan export "
+                   "--format hf (or hf://OWNER/NAME), or a canonical example's netG_*.pth")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples.png")
@@ -410,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arithmetic", metavar="A:B:C",
                    help="vector arithmetic mean(A) - mean(B) + mean(C) on grid indices of the "
                    "same --n and --seed, e.g. 3,10,22:5,9,40:1,2,8")
+    s.add_argument("--out-dir", metavar="DIR",
+                   help="instead of a grid: one PNG per image, DIR/00000.png ... (lossless; "
+                   "the bytes dcgan eval scores), for clean-fid, torch-fidelity, pytorch-fid")
     s.add_argument("--device", default="auto", help=DEVICE_HELP)
+    s.add_argument("--quiet", action="store_true", help="no progress bar (--out-dir)")
     s.set_defaults(func=cmd_sample)
 
     b = sub.add_parser("bench", help="train-step throughput: reference vs optimisations",
@@ -495,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--space", metavar="FILE.json", help="replace or narrow the search space")
     tu.add_argument("--fix", action="append", default=[], metavar="KEY=VALUE",
                     help="pin a config field (repeatable)")
+    tu.add_argument("--dataset", help="the trials' data set, as dcgan train's --dataset "
+                    "(default: the preset's)")
+    tu.add_argument("--resolution", help="the trials' resolution, 32, 64 or 128 (default: "
+                    "the preset's)")
     tu.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
     tu.add_argument("--storage", help="an SQLAlchemy URL, e.g. postgresql://user@host/db "
                     "(default: sqlite in the study folder)")
@@ -521,11 +511,26 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default="compare.html", help="where to write the page")
     cp.set_defaults(func=cmd_compare)
 
-    x = sub.add_parser("export", help="export the generator (BatchNorm folded)")
+    x = sub.add_parser("export", help="export the generator (BatchNorm folded), or as a "
+                       "Hugging Face Hub folder")
     x.add_argument("run", help="run folder or generator.safetensors")
-    x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    x.add_argument("--out", required=True)
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx", "hf"],
+                   help="torchscript or onnx: one file; hf: a folder in the Hub model layout "
+                   "(model.safetensors, config.json, README.md model card, samples.png)")
+    x.add_argument("--out", required=True, help="the file (torchscript, onnx) or folder (hf)")
     x.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="a checkpoint of the canonical PyTorch DCGAN example "
+                        "as a run folder",
+                        description="Read netG_epoch_N.pth of pytorch/examples' dcgan/main.py "
+                        "(weights only, torch.load(weights_only=True)), infer nz, ngf and nc, "
+                        "and write a run folder that dcgan sample, eval, export and report "
+                        "read.")
+    im.add_argument("checkpoint", help="the generator's state_dict (.pth)")
+    im.add_argument("--out", required=True, help="the new run folder")
+    im.add_argument("--dataset", default="unknown",
+                    help="the data set it was trained on, recorded in the run (default unknown)")
+    im.set_defaults(func=cmd_import)
 
     d = sub.add_parser("data", help="inspect data sources")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -549,20 +554,22 @@ HTML_OUT = ("report", "compare")  # subcommands whose --out is an HTML page
 
 def check_output_file(value: str, flag: str, image: bool = False) -> None:
     """A file we will write at the end: not a folder, an image suffix if it is an image,
-    its folder creatable and writable."""
+    and a folder we may create and write. Nothing is created here, so a command that
+    fails later leaves no empty folders behind (the writer creates them)."""
     path = Path(value)
     if value.endswith(os.sep) or path.is_dir():
         raise UserError(f"{flag} {value} is a folder: give a file name")
     if image and path.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"{flag} {value}: give an image file name ending in .png (or "
                         f"{', '.join(IMAGE_SUFFIXES[1:])})")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    existing = path.absolute().parent
+    while not existing.exists():  # the deepest folder that exists decides
+        existing = existing.parent
+    if not existing.is_dir():
         raise UserError(f"{flag} {value}: cannot create the folder {path.parent} "
-                        f"({e.strerror or e})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"{flag} {value}: the folder {path.parent} is not writable")
+                        f"({existing} is a file)")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {value}: the folder {existing} is not writable")
 
 
 def check_outputs(args: argparse.Namespace) -> None:

@@ -126,6 +126,8 @@ class Config:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Config:
         """Strict inverse of to_dict: unknown sections or keys and wrong types fail."""
+        if not isinstance(d, dict):
+            raise UserError(f"config: expected an object of sections, got {type(d).__name__}")
         index = field_index()
         cfg = Config()
         for section, values in d.items():
@@ -245,8 +247,13 @@ def from_preset(name: str, overrides: dict[str, Any] | None = None) -> Config:
 
 
 def load_json(path: str) -> Config:
-    with open(path) as f:
-        return Config.from_dict(json.load(f))
+    """A config file (a run's config.json, dcgan tune's best.json); damage is one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a JSON config file: {e}") from None
+    return Config.from_dict(d)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-from dcgan import atomic
+from dcgan import atomic, content
 from dcgan.config import RESOLUTIONS
 from dcgan.errors import UserError
 from dcgan.pixels import to_unit
@@ -102,7 +102,7 @@ def _resolve(dataset: str, split: str, cache_dir: str) -> _Source:
     if name in LABELLED:
         return _named_idx_source(name, split, cache_dir)
     if name == "emoji":
-        return _emoji_source(split)
+        return _emoji_source(split, cache_dir)
     if name == "fake":
         return _fake_source(split)
     path = pathlib.Path(name).expanduser()
@@ -121,22 +121,19 @@ def _resolve(dataset: str, split: str, cache_dir: str) -> _Source:
         found = _find_idx(path, split)
         if found is None:
             raise UserError(f"IDX folder {path} has no {_idx_names(split)}")
-        return _idx_source(str(path), _path_slug(path, found), found)
+        return _idx_source(str(path), _path_slug(path, found, cache_dir), found)
     cifar = _cifar_folder(path)
     if cifar is not None:
-        return _cifar_source(path, cifar, split)
-    return _folder_source(path, split)
+        return _cifar_source(path, cifar, split, cache_dir)
+    return _folder_source(path, split, cache_dir)
 
 
-def _path_slug(folder: pathlib.Path, files: list[pathlib.Path]) -> str:
-    """`<name>-<hash of the path>-<hash of the listing>`: a changed folder gets a new cache."""
+def _path_slug(folder: pathlib.Path, files: list[pathlib.Path], cache_dir: str) -> str:
+    """`<name>-<hash of the path>-<hash of the files' bytes>`: a changed folder gets a new
+    cache, also when a file is replaced by one of the same size and time."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name)[:40] or "root"
     where = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
-    listing = hashlib.sha1()
-    for f in sorted(files):
-        st = f.stat()
-        listing.update(f"{f.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return f"{name}-{where}-{listing.hexdigest()[:8]}"
+    return f"{name}-{where}-{content.digest_files(folder, files, cache_root(cache_dir))[:8]}"
 
 
 # ---- IDX (Fashion-MNIST, MNIST) ---------------------------------------------------------
@@ -178,7 +175,8 @@ def _named_idx_source(name: str, split: str, cache_dir: str) -> _Source:
     for folder in folders:
         found = _find_idx(folder, split)
         if found is not None:
-            return _idx_source(name, name, found)
+            digest = content.digest_files(folder, found, cache_root(cache_dir))
+            return _idx_source(name, f"{name}-{digest[:8]}", found)
     where = " or ".join(str(f) for f in folders)
     install = (
         "install them with `apt-get install dataset-fashion-mnist`, "
@@ -307,7 +305,8 @@ def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
-def _cifar_source(path: pathlib.Path, folder: pathlib.Path, split: str) -> _Source:
+def _cifar_source(path: pathlib.Path, folder: pathlib.Path, split: str, cache_dir: str
+                  ) -> _Source:
     if split == "train":
         numbered = [f for f in folder.glob("data_batch_*") if f.name[11:].isdigit()]
         files = sorted(numbered, key=lambda f: int(f.name[11:]))  # data_batch_1, _2, ... _10
@@ -326,7 +325,7 @@ def _cifar_source(path: pathlib.Path, folder: pathlib.Path, split: str) -> _Sour
         planes = _resize_square_stack(images.reshape(n * 3, 32, 32), resolution)
         return planes.reshape(n, 3, resolution, resolution), labels, 0
 
-    slug = _path_slug(path, files)
+    slug = _path_slug(path, files, cache_dir)
     return _Source(str(path), slug, 3, build, slug.rsplit("-", 1)[0] + "-*")
 
 
@@ -392,7 +391,7 @@ def _load_image_file(path: pathlib.Path, resolution: int) -> np.ndarray:
     return np.asarray(out).transpose(2, 0, 1)  # (H, W, 3) -> (3, R, R)
 
 
-def _folder_source(folder: pathlib.Path, split: str) -> _Source:
+def _folder_source(folder: pathlib.Path, split: str, cache_dir: str) -> _Source:
     if split != "train":
         raise _no_test_split(f"image folder {folder}")
     files = _list_images(folder)
@@ -429,14 +428,14 @@ def _folder_source(folder: pathlib.Path, split: str) -> _Source:
             )
         return out[good], None, skipped
 
-    slug = _path_slug(folder, files)
+    slug = _path_slug(folder, files, cache_dir)
     return _Source(str(folder), slug, 3, build, slug.rsplit("-", 1)[0] + "-*")
 
 
 # ---- emoji ------------------------------------------------------------------------------
 
 
-def _emoji_source(split: str) -> _Source:
+def _emoji_source(split: str, cache_dir: str) -> _Source:
     if split != "train":
         raise _no_test_split("emoji")
     if not EMOJI_FONT.is_file():
@@ -447,8 +446,8 @@ def _emoji_source(split: str) -> _Source:
     import emoji as emoji_lib  # a dependency of dcgan; imported here as only this source needs it
 
     # The emoji list and the font both decide the images: a new version of either rebuilds.
-    st = EMOJI_FONT.stat()
-    version = f"{emoji_lib.__version__}|{st.st_size}|{st.st_mtime_ns}"
+    font = content.digest_files(EMOJI_FONT.parent, [EMOJI_FONT], cache_root(cache_dir))
+    version = f"{emoji_lib.__version__}|{font}"
     slug = "emoji-" + hashlib.sha1(version.encode()).hexdigest()[:8]
 
     def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:

@@ -58,7 +58,9 @@ from dcgan.pixels import to_uint8
 from dcgan.rundir import SNAPSHOT, RunDir
 
 METRICS = ("fid", "kid", "pr", "is", "parzen")
-SAMPLE_BATCH = 250  # generator forward passes; memory is batch * nc * R * R floats
+# generator forward passes (memory: batch * nc * R * R floats); latent.decode's, so the
+# samples are the very forward passes of `dcgan sample` and G.sample
+SAMPLE_BATCH = 256
 FEATURE_BATCH = 32  # images per extractor forward (Inception: fastest on 2 CPU cores)
 IS_SPLITS = 10
 
@@ -88,22 +90,20 @@ class Side:
 
 
 def parse_side(spec: str) -> Side:
-    """A run folder, a snapshot file, `name[:split]` or an image folder -> Side."""
-    from dcgan.checkpoint import load_generator
+    """A run folder, a generator file or folder (what dcgan.load takes), `name[:split]` or
+    an image folder -> Side."""
+    from dcgan.generator import HF_SCHEME, is_generator_path, read
 
     path = Path(spec).expanduser()
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise UserError(f"{spec} is a file but not a {SNAPSHOT} snapshot; data must be a "
-                            f"folder or a source name ({', '.join(SOURCES)})")
-        g, meta = load_generator(path, "cpu")
-        return Side(spec, "generator", str(meta.get("dataset", "")), snapshot=path,
+    if spec.startswith(HF_SCHEME) or is_generator_path(path):
+        g, meta, file = read(spec)
+        return Side(spec, "generator", str(meta.get("dataset", "")), snapshot=file,
                     generator=g, meta=meta)
+    if path.is_file():
+        raise UserError(f"{spec} is a file but not a {SNAPSHOT} snapshot (or a .pth of the "
+                        f"canonical example); data must be a folder or a source name "
+                        f"({', '.join(SOURCES)})")
     if path.is_dir():
-        if (path / SNAPSHOT).is_file():
-            g, meta = load_generator(path, "cpu")
-            return Side(spec, "generator", str(meta.get("dataset", "")),
-                        snapshot=path / SNAPSHOT, generator=g, meta=meta)
         if RunDir(path).is_run():
             raise UserError(f"run folder {spec} has no {SNAPSHOT} yet (it is written at the "
                             f"first tick); wait for one or pass another run")

@@ -39,7 +39,7 @@ from dcgan.errors import UserError
 from dcgan.models import Generator
 from dcgan.rundir import BEST, CHECKPOINT, SNAPSHOT
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "hf")  # hf: a folder, dcgan.hub
 ONNX_OPSET = 17  # run by onnxruntime >= 1.13; the TorchScript exporter writes up to 20
 CHECK_TOLERANCE = 1e-4  # an export whose outputs differ more than this from eager is refused
 
@@ -180,7 +180,8 @@ def _check(g: Generator, path: Path, n: int, fmt: str) -> float:
 
 def export_generator(run_or_snapshot: str, fmt: str, out: str,
                      batch_dynamic: bool = True) -> Path:
-    """Write a run's (or snapshot file's) G-EMA as TorchScript or ONNX to `out`.
+    """Write a run's (or snapshot file's) G-EMA as TorchScript or ONNX to `out`, or with
+    fmt "hf" as a Hugging Face Hub folder `out` (dcgan.hub: weights unfolded, model card).
 
     The file takes z (N, nz, 1, 1) float32 and returns images (N, nc, R, R) in
     [-1, 1]; metadata (nz, nc, resolution, kimg, data set) travels inside it
@@ -189,7 +190,11 @@ def export_generator(run_or_snapshot: str, fmt: str, out: str,
     and takes any N. The export is run once against the eager G before returning.
     """
     if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}: choose torchscript or onnx")
+        raise UserError(f"unknown export format {fmt!r}: choose torchscript, onnx or hf")
+    if fmt == "hf":  # the weights as they are, in a folder a Hub model repository holds
+        from dcgan.generator import load
+
+        return load(run_or_snapshot, "cpu").save_pretrained(out)
     if fmt == "onnx":
         _require("onnx")
     path = Path(out)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +88,11 @@ def cached_reference(key: StatsKey, compute: Callable[[], tuple[np.ndarray, np.n
                 if str(z["key"]) == want:
                     logits = z["logits"] if "logits" in z.files else None
                     return Reference(z["features"], z["mu"], z["sigma"], logits)
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or foreign file: recompute and overwrite it
+        # what np.load raises for a truncated, empty or foreign file: recompute and
+        # overwrite it, so a damaged cache heals on the next run instead of failing each
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"warning: statistics cache {path} is damaged ({type(e).__name__}); "
+                  "rebuilding it", file=sys.stderr)
     features, logits = compute()
     # Statistics from the float32 copy that is stored, so a reload agrees exactly.
     features = np.asarray(features, dtype=np.float32)

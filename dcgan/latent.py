@@ -18,6 +18,7 @@ own latent, never on the rest of the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -68,7 +69,7 @@ def truncated_normal(n: int, nz: int, truncation: float | None = None,
     truncation None or 0 the bank equals the plain one; entries beyond the bound
     are then redrawn (in row-major order) until none is left.
     """
-    if truncation is not None and truncation < 0:
+    if truncation is not None and not (truncation >= 0 and math.isfinite(truncation)):
         raise UserError(f"--truncation must be > 0 (or 0 for none), got {truncation}")
     z = torch.randn(n, nz, generator=generator)
     if not truncation:

@@ -58,21 +58,24 @@ def read_run(path: str | Path) -> Run:
         raise UserError(f"{rd.path} is not a run folder (no {rd.config.name})")
     try:
         config = json.loads(rd.config.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{rd.config} is not JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("train", {}), dict):
+        raise UserError(f"{rd.config} is not a dcgan config (expected sections of fields)")
     machine: dict[str, Any] = {}
     if rd.machine.is_file():
         try:
             machine = json.loads(rd.machine.read_text())
-        except json.JSONDecodeError:
-            machine = {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            machine = {}  # only shown on the page: a damaged one is left out
+        machine = machine if isinstance(machine, dict) else {}
     grids = []
     for f in rd.grids():
         digits = f.stem[len("fakes"):]
         if digits.isdigit():
             grids.append((int(digits), f))
     return Run(rd.path, config, read_stats(rd.stats), read_stats(rd.metrics),
-               read_stats(rd.events), machine, sorted(grids))
+               read_stats(rd.events, need=None), machine, sorted(grids))
 
 
 # ---------------------------------------------------------------------------- charts

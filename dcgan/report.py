@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcgan import pixels
+from dcgan import atomic, pixels
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -41,8 +41,11 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 0
     if canvas.shape[2] == 1:
         canvas = canvas[:, :, 0]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    # the format from the final name (the temporary's suffix is .tmp); written through
+    # dcgan.atomic, so a crash leaves no half PNG and a symlink at path is replaced,
+    # never followed
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic.write(path, lambda tmp: Image.fromarray(canvas).save(tmp, format=fmt))
     return path
 
 
@@ -51,15 +54,25 @@ def append_stats(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def read_stats(path: Path) -> list[dict[str, Any]]:
+def read_stats(path: Path, need: str | None = "kimg") -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per line; lines cut short by a crash, and
+    rows whose `need` field is not a finite number, are left out."""
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash
             continue
+        # every reader orders and plots rows by kimg: a row without a number there (an
+        # edited or foreign line) is skipped like a cut one, not a traceback later
+        if not isinstance(row, dict):
+            continue
+        value = row.get(need) if need else 0.0
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+                value):
+            rows.append(row)
     return rows
 
 

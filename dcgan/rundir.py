@@ -22,6 +22,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from dcgan.config import Config, load_json
 from dcgan.errors import UserError
 
@@ -82,21 +84,32 @@ class RunDir:
         shutil.rmtree(self.tensorboard, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> float | None:
+    """When process pid started (seconds since the epoch), or None if none runs."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:  # another user's process we may not inspect: it runs
+        return -1.0
+
+
+def _alive(pid: int, started: float | None) -> bool:
+    """Whether the lock's owner still runs: its pid is live and, when the lock recorded
+    the owner's start time, that process started then. After a reboot or a long time
+    the pid may belong to a newer, unrelated process, which is not the owner."""
+    now = _start_time(pid)
+    if now is None:
         return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
+    return started is None or now < 0 or abs(now - started) < 1.0
 
 
-def _owner(path: Path) -> tuple[int, str] | None:
+def _owner(path: Path) -> tuple[int, str, float | None] | None:
     try:
-        pid, host = path.read_text().split()[:2]
-        return int(pid), host
-    except (OSError, ValueError):
+        fields = path.read_text().split()
+        started = float(fields[2]) if len(fields) > 2 else None  # older locks: pid host
+        return int(fields[0]), fields[1], started
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return None  # vanished or half-written: treat as free
 
 
@@ -105,9 +118,9 @@ def live_owner(folder: str | Path) -> tuple[int, str] | None:
     (no lock, or a stale one left by a process of this host that died). A lock of
     another host cannot be checked from here and counts as held."""
     owner = _owner(Path(folder) / LOCK)
-    if owner is None or (owner[1] == socket.gethostname() and not _alive(owner[0])):
+    if owner is None or (owner[1] == socket.gethostname() and not _alive(owner[0], owner[2])):
         return None
-    return owner
+    return owner[0], owner[1]
 
 
 @contextlib.contextmanager
@@ -116,7 +129,7 @@ def locked(folder: str | Path) -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    me = f"{os.getpid()} {socket.gethostname()}\n"
+    me = f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid())}\n"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -127,7 +140,8 @@ def locked(folder: str | Path) -> Iterator[None]:
                                 f"(pid {owner[0]}); if it is gone, remove {path}") from None
             if owner is not None and owner[0] != os.getpid():
                 raise UserError(f"{folder} is in use by another dcgan process (pid {owner[0]}); "
-                                "wait for it to finish or stop it first") from None
+                                "wait for it to finish or stop it first (if no dcgan process "
+                                f"has that pid, remove {path})") from None
             path.unlink(missing_ok=True)  # stale: its owner died
             continue
         with os.fdopen(fd, "w") as f:
@@ -138,5 +152,6 @@ def locked(folder: str | Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if _owner(path) == (os.getpid(), socket.gethostname()):
+        owner = _owner(path)
+        if owner is not None and owner[:2] == (os.getpid(), socket.gethostname()):
             path.unlink(missing_ok=True)

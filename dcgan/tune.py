@@ -152,6 +152,25 @@ def parse_fix(items: list[str]) -> dict[str, str]:
     return fixed
 
 
+def base_config(preset: str, fix: list[str], dataset: str | None = None,
+                resolution: str | int | None = None) -> tuple[dict[str, str], Config]:
+    """(the fixed fields, the checked base config) of `dcgan tune`: --fix KEY=VALUE, plus
+    --dataset and --resolution, which take what `dcgan train` takes and pin those fields.
+
+    >>> fixed, base = base_config("fmnist32", ["ngf=16"], "emoji", 64)
+    >>> fixed, base.data.dataset, base.data.resolution
+    ({'ngf': '16', 'dataset': 'emoji', 'resolution': '64'}, 'emoji', 64)
+    """
+    fixed = parse_fix(fix)
+    for name, value in (("dataset", dataset), ("resolution", resolution)):
+        if value is None:
+            continue
+        if name in fixed and fixed[name] != str(value):
+            raise UserError(f"--{name} {value} and --fix {name}={fixed[name]} disagree: give one")
+        fixed[name] = str(value)
+    return fixed, from_preset(preset, fixed)  # unknown or bad values: the config's message
+
+
 # ---------------------------------------------------------------------------- the study
 
 

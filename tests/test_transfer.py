@@ -153,13 +153,17 @@ def test_run_transfer_user_errors(tmp_path):
 def test_untrained_d_baseline_is_d_before_its_first_step(tmp_path, monkeypatch):
     """Capture D at the first step of a real training_loop: the run's d_init.safetensors
     holds exactly it, and so does the replayed seeding used for older runs."""
+    import importlib
+
     import torch
     from safetensors.torch import load_file
 
-    import dcgan.train as train_module
     from dcgan.config import from_preset
     from dcgan.models import build_discriminator, build_generator
     from dcgan.step import AutogradStep
+
+    # the loop module (`import dcgan.train as m` would name the function dcgan.train)
+    train_module = importlib.import_module("dcgan.train")
 
     seen = {}
     real_call = AutogradStep.__call__

@@ -205,3 +205,21 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_trial_resumes(tmp_pat
     assert sum(e["event"] == "settings" for e in events) >= 2
     kimg = [json.loads(x)["kimg"] for x in (folder / "stats.jsonl").read_text().splitlines()]
     assert kimg == sorted(set(kimg))
+
+
+def test_tune_takes_dataset_and_resolution_like_train(tmp_path):
+    from dcgan.cli import build_parser
+    from dcgan.tune import base_config
+
+    args = build_parser().parse_args(["tune", "--preset", "fmnist32", "--dataset", "emoji",
+                                      "--resolution", "64", "--fix", "ngf=16", "--out", "x"])
+    fixed, base = base_config(args.preset, args.fix, args.dataset, args.resolution)
+    assert fixed == {"ngf": "16", "dataset": "emoji", "resolution": "64"}
+    assert base.data.dataset == "emoji" and base.data.resolution == 64 and base.model.ngf == 16
+    assert base.train.r1_gamma == from_preset("fmnist32").train.r1_gamma  # the rest: the preset's
+    fixed, base = base_config("fmnist32", [], None, None)  # neither given: the preset's own
+    assert fixed == {} and base.data.dataset == "fashion-mnist"
+    with pytest.raises(UserError, match="resolution must be one of"):
+        base_config("fmnist32", [], None, 48)
+    with pytest.raises(UserError, match="--dataset emoji and --fix dataset=mnist"):
+        base_config("fmnist32", ["dataset=mnist"], "emoji", None)
