@@ -142,69 +142,9 @@ def _csv(text: str, kind=str) -> tuple:
         raise UserError(f"cannot read {text!r} as a comma-separated list: {e}") from e
 
 
-def check_bench_args(args: argparse.Namespace) -> None:
-    """Everything a bench needs, before anything is timed."""
-    from dcgan import data
-
-    for flag, value, low in (("--windows", args.windows, 1), ("--steps", args.steps, 1),
-                             ("--warmup", args.warmup, 0),
-                             ("--denoise-epochs", args.denoise_epochs, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
-    kinds = _csv(args.data)
-    if set(kinds) - {"real", "synthetic"}:
-        raise UserError(f"--data takes real and/or synthetic, got {args.data!r}")
-    needs_emoji = ("real" in kinds and args.dataset == "emoji"
-                   and not (args.engine or args.generator or args.features))
-    if needs_emoji and not Path(data.EMOJI_FONT).is_file():
-        raise UserError(f"the real-data rows need the emoji font {data.EMOJI_FONT}: "
-                        "run `make data` (Debian fonts-noto-color-emoji) or pass --data "
-                        "synthetic")
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from dcgan.bench import features
-    from dcgan.bench import train as bench
-
-    check_bench_args(args)
-
-    if args.engine:
-        return bench_engine(args)
-    if args.generator:
-        return bench_generator(args)
-    if args.features:
-        rows = features.time_extractors(args.device, _csv(args.batch, int)[0], args.windows,
-                                        args.steps, not args.quiet)
-        print(features.format_table(rows))
-        if args.json:
-            atomic.write_text(args.json, json.dumps(rows, indent=1) + "\n")
-        return 0
-    if args.profile:
-        data = _csv(args.data)[0]
-        print(bench.profile_default(args.device, _csv(args.batch, int)[0],
-                                    _csv(args.resolution, int)[0], data, args.dataset,
-                                    args.warmup, args.steps, Path(args.profile)))
-        print(f"wrote {args.profile}")
-        return 0
-    rows = bench.run_bench(args.device, batches=_csv(args.batch, int),
-                           resolutions=_csv(args.resolution, int), data_kinds=_csv(args.data),
-                           dataset=args.dataset, names=_csv(args.rows), warmup=args.warmup,
-                           windows=args.windows, steps=args.steps, peak_tflops=args.peak_tflops,
-                           progress=not args.quiet)
-    print(bench.format_table(rows))
-    command = "dcgan bench " + " ".join(sys.argv[2:])
-    if args.json:
-        bench.write_json(rows, Path(args.json), command)
-        print(f"wrote {args.json}")
-    if args.chart:
-        bench.save_chart(rows, Path(args.chart))
-        print(f"wrote {args.chart}")
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from dcgan.api import evaluate
-    from dcgan.evaluate import format_table
+    from dcgan.eval_table import format_table
 
     result = evaluate(args.a, args.b, _csv(args.metrics), args.features, args.n,
                       device=args.device, json=args.json, progress=not args.quiet)
@@ -330,36 +270,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_engine(args: argparse.Namespace) -> int:
-    """dcgan.engine (both kernels) vs torch autograd on the same DCGAN step, same run."""
-    from dcgan.bench import engine
-    from dcgan.machine import resolve_device
-
-    device = str(resolve_device(args.device))
-    rows = engine.step_rows(_csv(args.resolution, int), _csv(args.batch, int),
-                            args.windows * args.steps, args.warmup, device)
-    if args.denoise_epochs:
-        rows += engine.denoiser_rows(args.denoise_epochs, device)
-    print(engine.format_table(rows))
-    if args.json:
-        atomic.write_text(args.json, json.dumps(rows, indent=1) + "\n")
-    return 0
-
-
-def bench_generator(args: argparse.Namespace) -> int:
-    """Generator-only images/s: eager, compiled, TorchScript, ONNX at batch 1 and 256."""
-    from dcgan.bench import generator
-    from dcgan.machine import resolve_device
-
-    rows = generator.time_generator(args.run, batches=_csv(args.gen_batch, int),
-                                    device=str(resolve_device(args.device)),
-                                    progress=not args.quiet)
-    print(generator.format_table(rows))
-    if args.json:
-        atomic.write_text(args.json, json.dumps(rows, indent=1) + "\n")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcgan", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -399,46 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar (--out-dir)")
     s.set_defaults(func=cmd_sample)
 
-    b = sub.add_parser("bench", help="train-step throughput: reference vs optimisations",
-                       description="Measure train-step images/s of the canonical reference, "
-                       "each optimisation alone and the default configuration.")
-    b.add_argument("--device", default="auto", help=DEVICE_HELP)
-    b.add_argument("--batch", default="64,128", help="comma-separated batch sizes")
-    b.add_argument("--resolution", default="64,32", help="comma-separated resolutions")
-    b.add_argument("--data", default="synthetic,real", help="synthetic and/or real")
-    b.add_argument("--dataset", default="emoji", help="the real data set (RGB)")
-    b.add_argument("--rows", default="", help="only these rows (default: all)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    b.add_argument("--windows", type=int, default=5, help="timed windows (median taken)")
-    b.add_argument("--steps", type=int, default=3, help="steps per timed window")
-    b.add_argument("--peak-tflops", type=float, help="device peak, for the fraction column")
-    b.add_argument("--engine", action="store_true",
-                   help="instead: dcgan.engine (native, unfold) vs torch autograd step")
-    b.add_argument("--denoise-epochs", type=int, default=2,
-                   help="with --engine: also time seed 003's denoiser for this many epochs "
-                   "(0: skip)")
-    b.add_argument("--generator", action="store_true",
-                   help="instead: generator-only images/s (eager, compiled, exported)")
-    b.add_argument("--features", action="store_true",
-                   help="instead: feature extractors' images/s (TorchScript vs eager Inception, "
-                   "domain classifier) at the first --batch")
-    b.add_argument("--profile", metavar="TRACE.json",
-                   help="instead: torch.profiler over --steps default steps (first --batch, "
-                   "--resolution and --data); prints the top operators, writes a Chrome trace")
-    b.add_argument("--run", help="with --generator: a run folder (default: canonical 64px G)")
-    b.add_argument("--gen-batch", default="1,256", help="with --generator: batch sizes")
-    b.add_argument("--json", help="write rows as JSON")
-    b.add_argument("--chart", help="write a bar chart PNG")
-    b.add_argument("--quiet", action="store_true")
-    b.set_defaults(func=cmd_bench)
+    from dcgan.bench import cli as bench_cli  # train|features|generator|engine, each its own
 
-    e = sub.add_parser("eval", help="FID, KID, precision/recall, IS, Parzen between A and B",
+    bench_cli.add_parser(sub, DEVICE_HELP)
+
+    from dcgan import metric_registry  # the metrics' names and help: one registry
+
+    e = sub.add_parser("eval", help=f"{','.join(metric_registry.REGISTRY)} between A and B",
                        description="Compare two image sets. A and B are run folders, "
                        "generator snapshots or data sources with a split "
                        "(fashion-mnist:train, fashion-mnist:test, emoji, a folder).")
     e.add_argument("a")
     e.add_argument("b")
-    e.add_argument("--metrics", default="fid,kid,pr", help="any of fid,kid,pr,is,parzen")
+    e.add_argument("--metrics", default="fid,kid,pr", help=metric_registry.help_text())
     e.add_argument("--features", default="inception", choices=FEATURES)
     e.add_argument("--n", type=int, default=10000, help="images per side")
     e.add_argument("--json", help="write the result as JSON")

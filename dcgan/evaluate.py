@@ -16,8 +16,13 @@ Each side is one of
 Features of data sides are cached (`dcgan.feature_cache`, the one cache) under a key of
 source, split, resolution, channels, n and extractor.
 
+The metrics themselves, what each reads and how it prints, are the registry's
+(`dcgan.metric_registry`); this module makes their inputs. The table is
+`dcgan.eval_table`'s.
+
 `FidTracker` is the training-time helper: reference statistics of the training
-set are computed once, and each call samples the generator and returns FID/KID.
+set are computed once, and each call samples the generator and returns FID/KID
+(any registered metrics of features).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 
 from dcgan import __version__, atomic
+from dcgan import metric_registry as registry
 from dcgan.config import FEATURES
 from dcgan.data import LABELLED, SOURCES, SPLITS
 from dcgan.errors import UserError
@@ -44,25 +50,14 @@ from dcgan.features import (
     extract_all,
     get_extractor,
 )
-from dcgan.metrics import (
-    feature_stats,
-    fid_from_features,
-    frechet_distance,
-    inception_score,
-    kid_from_features,
-    parzen_log_likelihood,
-    parzen_select_sigma,
-    precision_recall,
-)
+from dcgan.metric_registry import Features, Logits, Pair
 from dcgan.pixels import to_uint8
 from dcgan.rundir import SNAPSHOT, RunDir
 
-METRICS = ("fid", "kid", "pr", "is", "parzen")
 # generator forward passes (memory: batch * nc * R * R floats); latent.decode's, so the
 # samples are the very forward passes of `dcgan sample` and G.sample
 SAMPLE_BATCH = 256
 FEATURE_BATCH = 32  # images per extractor forward (Inception: fastest on 2 CPU cores)
-IS_SPLITS = 10
 
 
 @dataclass
@@ -182,30 +177,69 @@ def _side_features(side: Side, extractor: Extractor, key: StatsKey | None, cache
     return ref.features, ref.logits
 
 
+@dataclass(frozen=True)
+class _Extraction:
+    """How this comparison's images become features: the size both sides were loaded
+    at, n (part of a data side's cache key) and where the cache is."""
+
+    resolution: int
+    channels: int
+    n: int
+    device: str
+    cache_dir: str
+    progress: bool
+
+    def extractor(self, features: str, label_source: str) -> Extractor:
+        return get_extractor(features, label_source, self.resolution, self.channels,
+                             self.device, self.cache_dir, self.progress)
+
+    def run(self, sides: list[Side],
+            extractor: Extractor) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Per side: features (m, dim) and logits (m, K) or None; cached for data sides."""
+        feats, logits = [], []
+        for side in sides:
+            key = None
+            if side.kind == "data":
+                key = StatsKey(side.source, side.split, self.resolution, self.channels, self.n,
+                               extractor.name, side.content)
+            f, z = _side_features(side, extractor, key, self.cache_dir, self.progress)
+            feats.append(f)
+            logits.append(z)
+        return feats, logits
+
+
+def _logits(ex: _Extraction, sides: list[Side], extractor: Extractor,
+            logits: list[np.ndarray | None], label_source: str) -> Logits:
+    """A's and B's class logits: the extractor's when it has a classification head, else
+    the domain classifier's (the bundled FID Inception has none)."""
+    if extractor.logits_kind is None:
+        extractor = ex.extractor("domain", label_source)
+        _, logits = ex.run(sides, extractor)
+    assert logits[0] is not None and logits[1] is not None
+    return Logits(logits[0], logits[1], extractor.logits_kind or "", extractor.name)
+
+
 def _check_request(metrics: list[str], features: str, n: int) -> list[str]:
-    metrics = [m.strip().lower() for m in metrics if m.strip()]
-    if not metrics:
-        raise UserError(f"no metrics given: choose from {','.join(METRICS)}")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise UserError(f"unknown metric(s) {','.join(unknown)}: choose from {','.join(METRICS)}")
+    metrics = registry.check_names(metrics)
     if features not in FEATURES:
         raise UserError(f"unknown features {features!r}: choose one of {', '.join(FEATURES)}")
     if n < 10:
         raise UserError(f"--n must be at least 10, got {n}")
-    return list(dict.fromkeys(metrics))  # drop repeats, keep order
+    return metrics
 
 
 def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: str = "cpu",
              json_path: str | None = None, progress: bool = True,
              cache_dir: str = "") -> dict[str, Any]:
-    """Compare A with B; returns (and optionally writes as JSON) one key per metric + metadata.
+    """Compare A with B; returns (and optionally writes as JSON) the metrics' fields +
+    metadata.
 
-    Keys: "fid"; "kid" [mean, std]; "precision", "recall"; "is" or
-    "classifier_score" [mean, std] (of A; "..._b" holds B's for reference);
-    "parzen" [mean, stderr] in nats with "parzen_sigma"; and "a", "b" (the
-    sides), "n" (images actually used per side), "n_requested", "features"
-    (extractor name), "resolution", "channels", "time" (seconds), "timings".
+    Metric keys are the registry's (`dcgan.metric_registry`): "fid"; "kid" [mean,
+    std]; "precision", "recall"; "is" or "classifier_score" [mean, std] (of A;
+    "..._b" holds B's for reference); "parzen" [mean, stderr] in nats with
+    "parzen_sigma"; and any registered since. Metadata: "a", "b" (the sides), "n"
+    (images actually used per side), "n_requested", "features" (extractor name),
+    "resolution", "channels", "time" (seconds), "timings".
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -226,11 +260,14 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
         resolution = 32 if all(s.source in LABELLED for s in shaped) else 64
         channels = 0
     label_source = _labelled_source(sides)
-    need_domain = features == "domain" or "is" in metrics  # IS falls back to the classifier
-    if need_domain and not label_source:
-        what = "--features domain" if features == "domain" else "the classifier score (is)"
+    # class logits come from the domain classifier unless the extractor is it
+    wants_logits = [m for m in metrics if "logits" in registry.REGISTRY[m].needs]
+    if (features == "domain" or wants_logits) and not label_source:
+        what = "--features domain" if features == "domain" else (
+            f"{','.join(wants_logits)} (class logits, from the domain classifier)")
+        leave_out = f" and leave out {','.join(wants_logits)}" if wants_logits else ""
         raise UserError(f"{what} needs a labelled source ({', '.join(LABELLED)}) on one side; "
-                        f"use --features inception and leave out is")
+                        f"use --features inception{leave_out}")
 
     # Images: sample generators, load data (channels resolved when both are data).
     t0 = time.perf_counter()
@@ -249,17 +286,9 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     timings["images"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    extractor = get_extractor(features, label_source, resolution, channels, device, cache_dir,
-                              progress)
-    feats, logits = [], []
-    for side in sides:
-        key = None
-        if side.kind == "data":
-            key = StatsKey(side.source, side.split, resolution, channels, n, extractor.name,
-                           side.content)
-        f, z = _side_features(side, extractor, key, cache_dir, progress)
-        feats.append(f)
-        logits.append(z)
+    ex = _Extraction(resolution, channels, n, str(device), cache_dir, progress)
+    extractor = ex.extractor(features, label_source)
+    feats, logits = ex.run(sides, extractor)
     timings["features"] = time.perf_counter() - t0
 
     result: dict[str, Any] = {
@@ -271,18 +300,12 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     if isinstance(extractor, DomainExtractor):
         result["classifier_test_accuracy"] = extractor.test_accuracy
 
-    t0 = time.perf_counter()
-    if "fid" in metrics:
-        result["fid"] = fid_from_features(feats[0], feats[1])
-    if "kid" in metrics:
-        result["kid"] = list(kid_from_features(feats[0], feats[1]))
-    if "pr" in metrics:
-        result["precision"], result["recall"] = precision_recall(real=feats[1], fake=feats[0])
-    if "is" in metrics:
-        _score(result, sides, extractor, logits, label_source, resolution, channels, device,
-               cache_dir, progress, n)
-    if "parzen" in metrics:
-        _parzen(result, sides)
+    t0 = time.perf_counter()  # the domain classifier's logits, when made here, count here
+    inputs: dict[str, Any] = {"features": Pair(Features(feats[0]), Features(feats[1])),
+                              "images": Pair(sides[0].images, sides[1].images), "n": n}
+    if "logits" in registry.needed(metrics):
+        inputs["logits"] = _logits(ex, sides, extractor, logits, label_source)
+    result.update(registry.run(metrics, inputs))
     timings["metrics"] = time.perf_counter() - t0
 
     result["time"] = round(time.perf_counter() - t_start, 2)
@@ -294,114 +317,33 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     return result
 
 
-def _score(result: dict[str, Any], sides: list[Side], extractor: Extractor,
-           logits: list[np.ndarray | None], label_source: str, resolution: int, channels: int,
-           device: str, cache_dir: str, progress: bool, n: int) -> None:
-    """Inception Score when the extractor has Inception logits, else the classifier score.
-
-    The bundled FID Inception has no classification head, so with --features
-    inception the score comes from the domain classifier and is named so.
-    """
-    if extractor.logits_kind is None:
-        clf = get_extractor("domain", label_source, resolution, channels, device, cache_dir,
-                            progress)
-        logits = []
-        for side in sides:
-            key = None
-            if side.kind == "data":
-                key = StatsKey(side.source, side.split, resolution, channels, n, clf.name,
-                               side.content)
-            logits.append(_side_features(side, clf, key, cache_dir, progress)[1])
-        extractor = clf
-    name = "is" if extractor.logits_kind == "inception" else "classifier_score"
-    for suffix, z in (("", logits[0]), ("_b", logits[1])):
-        assert z is not None
-        result[name + suffix] = list(inception_score(z, splits=min(IS_SPLITS, z.shape[0])))
-    result[name + "_features"] = extractor.name
-
-
-def _parzen(result: dict[str, Any], sides: list[Side]) -> None:
-    """Goodfellow et al.'s Parzen estimate: kernels on A, sigma on B's first half, test on
-    the second half; pixels scaled to [0, 1]."""
-    a_img, b_img = sides[0].images, sides[1].images
-    assert a_img is not None and b_img is not None
-    if b_img.shape[0] < 2:
-        raise UserError("parzen needs at least 2 images on side B (validation and test)")
-    centres = a_img.reshape(a_img.shape[0], -1).astype(np.float32) / 255.0
-    held = b_img.reshape(b_img.shape[0], -1).astype(np.float32) / 255.0
-    half = held.shape[0] // 2
-    sigma = parzen_select_sigma(centres, held[:half])
-    mean, stderr = parzen_log_likelihood(centres, held[half:], sigma)
-    result["parzen"] = [mean, stderr]
-    result["parzen_sigma"] = sigma
-    result["parzen_n"] = {"kernels": int(centres.shape[0]), "validation": half,
-                          "test": int(held.shape[0] - half)}
-
-
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write the result as indented JSON, through a temporary file and a rename."""
     atomic.write_text(path, json.dumps(result, indent=2) + "\n")
-
-
-def _pm(v: list[float], digits: int = 4) -> str:
-    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """A few human-readable lines: what was compared, with which features, then the metrics."""
-    a, b = result["a"], result["b"]
-
-    def side(s: dict[str, Any], n: int) -> str:
-        if s["kind"] == "generator":
-            return f"{s['spec']} (generator, {s.get('kimg') or 0:g} kimg, {n} samples)"
-        return f"{s['spec']} ({s['split']}, {n} images)"
-
-    lines = [
-        f"A: {side(a, result['n']['a'])}",
-        f"B: {side(b, result['n']['b'])}",
-        f"features: {result['features']}  at {result['resolution']}px, "
-        f"{result['channels']} channel(s)",
-    ]
-    if "classifier_test_accuracy" in result:
-        lines[-1] += f"  (classifier test accuracy {100 * result['classifier_test_accuracy']:.1f}%)"
-    rows: list[tuple[str, str]] = []
-    if "fid" in result:
-        rows.append(("FID", f"{result['fid']:.3f}"))
-    if "kid" in result:
-        rows.append(("KID", _pm(result["kid"], 5)))
-    if "precision" in result:
-        rows.append(("precision (k=3)", f"{result['precision']:.4f}"))
-        rows.append(("recall (k=3)", f"{result['recall']:.4f}"))
-    for name, label in (("is", "Inception Score"), ("classifier_score", "classifier score")):
-        if name in result:
-            rows.append((f"{label} A", _pm(result[name], 3)))
-            rows.append((f"{label} B", _pm(result[name + "_b"], 3)))
-            if name == "classifier_score" and result[name + "_features"] != result["features"]:
-                rows.append(("  (scored with", result[name + "_features"] + ")"))
-    if "parzen" in result:
-        rows.append((f"Parzen log-lik. (sigma {result['parzen_sigma']:.3f})",
-                     _pm(result["parzen"], 1) + " nats"))
-    width = max((len(r[0]) for r in rows), default=0)
-    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines.append(f"time: {result['time']:.1f} s")
-    return "\n".join(lines)
 
 
 class FidTracker:
     """FID/KID of a generator against the training set, for use during training.
 
     The reference features (n random training images, seed 0) are computed once
-    and cached on disk; each call draws n samples with a fixed seed, so values
-    at different kimg differ only through the weights.
+    and cached on disk, their statistics once per tracker; each call draws n
+    samples with a fixed seed, so values at different kimg differ only through the
+    weights. `metrics`: any registered metrics that read features (and n) only.
     """
 
     def __init__(self, dataset: str, resolution: int, channels: int, features: str = "domain",
                  n: int = 5000, device: str | torch.device = "cpu", cache_dir: str = "",
-                 seed: int = 0, progress: bool = False):
+                 seed: int = 0, progress: bool = False,
+                 metrics: tuple[str, ...] = ("fid", "kid")):
         if features not in FEATURES:
             raise UserError(f"unknown features {features!r}: choose one of {', '.join(FEATURES)}")
         if n < 10:
             raise UserError(f"the FID tracker needs n >= 10, got {n}")
+        self.metrics = registry.check_names(metrics)
+        beyond = registry.needed(self.metrics) - {"features", "n"}
+        if beyond:
+            raise UserError(f"the FID tracker gives metrics features and n only; "
+                            f"{','.join(self.metrics)} need {', '.join(sorted(beyond))} too")
         self.n, self.seed, self.progress = n, seed, progress
         # the training set as `dcgan eval` reads a data side: same subset, same cache entry
         folder = Path(dataset).expanduser()
@@ -413,18 +355,18 @@ class FidTracker:
                                        cache_dir, progress)
         key = StatsKey(source, "train", resolution, self.channels, n, self.extractor.name,
                        train.content)
-        self.reference, _ = _side_features(train, self.extractor, key, cache_dir, progress)
-        self.mu, self.sigma = feature_stats(self.reference)
+        reference, _ = _side_features(train, self.extractor, key, cache_dir, progress)
+        self.reference = Features(reference)  # (n, dim); its statistics made once, kept
 
     @property
     def features(self) -> str:
         return self.extractor.name
 
     def __call__(self, generator: torch.nn.Module) -> dict[str, Any]:
-        """Sample n images from the (eval-mode) generator -> {"fid", "kid", "features"}."""
+        """Sample n images from the (eval-mode) generator -> {"fid", "kid", "features"}
+        (the fields of each of its metrics, and the extractor's name)."""
         fakes = Side("G_ema", "generator", images=sample_generator(generator, self.n, self.seed))
         f, _ = _side_features(fakes, self.extractor, None, "", self.progress)
-        mu, sigma = feature_stats(f)
-        return {"fid": frechet_distance(mu, sigma, self.mu, self.sigma),
-                "kid": list(kid_from_features(f, self.reference)), "features": self.extractor.name}
+        inputs = {"features": Pair(Features(f), self.reference), "n": self.n}
+        return {**registry.run(self.metrics, inputs), "features": self.extractor.name}
 

@@ -12,10 +12,10 @@ and the training runs under `OUT/runs/`.
 | part | what | GPU budget s | dry-run budget s |
 |---|---|---|---|
 | tests | the tests parametrised over devices, their cuda cases (`pytest -k cuda`) | 40 | 60 |
-| bench-128 | `dcgan bench --device cuda --batch 128` 64px, every row, `--peak-tflops` | 85 | 60 |
+| bench-128 | `dcgan bench train --device cuda --batch 128` 64px, all rows, peak TFLOPS | 85 | 60 |
 | bench-512 | the same at batch 512 | 85 | 60 |
 | compile-reduce-overhead | `dcgan train --compile-mode reduce-overhead`, 4 kimg | 75 | 60 |
-| inception-features | `dcgan bench --features --device cuda` (Inception, domain) | 60 | 120 |
+| inception-features | `dcgan bench features --device cuda` (Inception, domain) | 60 | 120 |
 | torchrun | `torchrun --standalone --nproc-per-node 1 -m dcgan train`, 4 kimg | 60 | 60 |
 | data-on-host | `dcgan train --data-on host`, 2 kimg; skipped without the flag | 45 | 60 |
 | total | | 450 (7.5 min) | 480 |
@@ -25,7 +25,7 @@ Python, the checks before the parts and the report. torch.compile's `default` mo
 runs in the bench parts' `+compile` row; `max-autotune` is not run (its autotuning
 alone can take minutes). The training parts use `--dataset fake` (noise, built in
 memory) so that the GPU machine needs no data packages; without Fashion-MNIST
-installed, `dcgan bench --features` cannot run, and Inception runs on CUDA through
+installed, `dcgan bench features` cannot run, and Inception runs on CUDA through
 `dcgan eval fake fake --features inception` instead.
 
 `--dry-run` rehearses the same parts on the CPU at tiny sizes (batch 4 and 8, one
@@ -250,7 +250,7 @@ def has_data_on_flag() -> bool:
 
 
 def fashion_mnist_present() -> bool:
-    """Whether the Fashion-MNIST test split is installed (`dcgan bench --features` reads it);
+    """Whether the Fashion-MNIST test split is installed (`dcgan bench features` reads it);
     only looks for the files."""
     from dcgan.data import _resolve
     from dcgan.errors import UserError
@@ -303,8 +303,8 @@ def plan(out: Path, *, dry_run: bool, peak_tflops: float | None, data_on_host: b
         path = out / f"{name}.json"
         parts.append(Part(
             name, f"train-step img/s of every bench row at batch {b}, {resolution}px",
-            [*dcgan, "bench", "--device", device, "--batch", str(b), "--resolution", resolution,
-             "--data", "synthetic", *timing, *peak, "--json", str(path), "--quiet"],
+            [*dcgan, "bench", "train", "--device", device, "--batch", str(b), "--resolution",
+             resolution, "--data", "synthetic", *timing, *peak, "--json", str(path), "--quiet"],
             budget[name], parse=lambda _, path=path: _bench_rows(path)))
     parts.append(train_part(
         "compile-reduce-overhead", "train with torch.compile mode reduce-overhead (CUDA graphs)",
@@ -314,7 +314,7 @@ def plan(out: Path, *, dry_run: bool, peak_tflops: float | None, data_on_host: b
     if fashion_mnist:
         parts.append(Part("inception-features", "feature extractors' img/s: Inception "
                           "(TorchScript, eager folded) and the domain classifier",
-                          [*dcgan, "bench", "--features", "--device", device, *features,
+                          [*dcgan, "bench", "features", "--device", device, *features,
                            "--json", str(path), "--quiet"], budget["inception-features"],
                           parse=lambda _: _bench_rows(path)))
     else:
@@ -323,7 +323,7 @@ def plan(out: Path, *, dry_run: bool, peak_tflops: float | None, data_on_host: b
                           [*dcgan, "eval", "fake", "fake", "--features", "inception", "--metrics",
                            "fid", "--n", eval_n, "--device", device, "--json", str(path),
                            "--quiet"], budget["inception-features"],
-                          note="Fashion-MNIST not installed: `dcgan bench --features` needs it",
+                          note="Fashion-MNIST not installed: `dcgan bench features` needs it",
                           parse=lambda _: {k: json.loads(path.read_text())[k]
                                            for k in ("fid", "time")}))
     parts.append(train_part(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from dcgan import __version__, atomic, checkpoint, latent, pngs
+from dcgan.config import Config
 from dcgan.errors import UserError
 from dcgan.report import read_stats
 from dcgan.rundir import RunDir
@@ -45,7 +46,7 @@ MODEL_TYPE = "dcgan-generator"
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, not UTF-8, not JSON
         return None
     return data if isinstance(data, dict) else None
 
@@ -64,10 +65,15 @@ def provenance(origin: Path | None, meta: dict[str, Any]) -> dict[str, Any]:
     config = _read_json(origin / CONFIG) or {}
     if config.get("model_type") == MODEL_TYPE:  # a folder written here: carry its facts over
         facts["training_config"] = config.get("training_config")
-        facts["fid"] = config.get("fid") or facts["fid"]
+        fid = config.get("fid")
+        facts["fid"] = fid if isinstance(fid, dict) else facts["fid"]
         return facts
+    try:
+        Config.from_dict(config)
+    except UserError:
+        return facts  # not a run folder's config (or a damaged one): nothing to tell
     if not {"data", "model", "train"} <= set(config):
-        return facts  # not a run folder either
+        return facts  # a partial config: the card says nothing of training
     facts["training_config"] = config
     rows = [r for r in read_stats(RunDir(origin).metrics)
             if isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"])]

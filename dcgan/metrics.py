@@ -3,7 +3,8 @@
 Every function takes numpy arrays of shape (N, D) (one row per image) and works
 in float64 whatever the input dtype, so results do not depend on the batch size
 the features were computed with. Feature extraction lives in `dcgan.features`;
-the command behind `dcgan eval` in `dcgan.evaluate`.
+the command behind `dcgan eval` in `dcgan.evaluate`, and what it calls each metric
+(its inputs, JSON fields and table rows) in `dcgan.metric_registry`.
 
 - FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to two
   feature sets. The matrix square root is taken on a symmetric matrix through

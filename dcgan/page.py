@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from dcgan import atomic
+from dcgan.config import Config
 from dcgan.errors import UserError
-from dcgan.report import read_stats
+from dcgan.report import EVENTS_FIELDS, METRICS_FIELDS, STATS_FIELDS, is_number, read_stats
 from dcgan.rundir import RunDir, live_owner
 
 
@@ -60,8 +61,10 @@ def read_run(path: str | Path) -> Run:
         config = json.loads(rd.config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{rd.config} is not JSON: {e}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("train", {}), dict):
-        raise UserError(f"{rd.config} is not a dcgan config (expected sections of fields)")
+    try:
+        Config.from_dict(config)  # the strict reading: every field present has its type
+    except UserError as e:
+        raise UserError(f"{rd.config}: {e}") from None
     machine: dict[str, Any] = {}
     if rd.machine.is_file():
         try:
@@ -74,15 +77,16 @@ def read_run(path: str | Path) -> Run:
         digits = f.stem[len("fakes"):]
         if digits.isdigit():
             grids.append((int(digits), f))
-    return Run(rd.path, config, read_stats(rd.stats), read_stats(rd.metrics),
-               read_stats(rd.events, need=None), machine, sorted(grids))
+    events = [e for e in read_stats(rd.events, EVENTS_FIELDS) if isinstance(e.get("event"), str)]
+    return Run(rd.path, config, read_stats(rd.stats, STATS_FIELDS),
+               read_stats(rd.metrics, METRICS_FIELDS), events, machine, sorted(grids))
 
 
 # ---------------------------------------------------------------------------- charts
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    pairs = [(r["kimg"], r[key]) for r in rows if key in r and r[key] is not None]
+    pairs = [(r["kimg"], r[key]) for r in rows if is_number(r.get(key))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -109,7 +113,7 @@ def _figure(title: str, runs: list[Run], keys: list[tuple[str, str, str]], y_tit
         if events:
             for e in run.events:
                 at = e.get("at_kimg", e.get("kimg"))
-                if at is not None and e.get("event") in ("rollback", "warning"):
+                if is_number(at) and e["event"] in ("rollback", "warning"):
                     fig.add_vline(x=at, line_dash="dot", line_color="red" if e["event"] ==
                                   "rollback" else "orange")
     fig.update_layout(title=title, xaxis_title="kimg", yaxis_title=y_title, height=320,
@@ -136,7 +140,9 @@ def _charts(runs: list[Run]) -> list[tuple[str, Any]]:
 
             fig = go.Figure()
             for run in runs:
-                pts = [(m["kimg"], m["kid"][0]) for m in run.metrics if "kid" in m]
+                pts = [(m["kimg"], m["kid"][0]) for m in run.metrics
+                       if isinstance(m.get("kid"), list) and m["kid"]
+                       and is_number(m["kid"][0])]
                 if pts:
                     fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
                                              mode="lines+markers", name=f"{run.name} KID"))
@@ -162,14 +168,17 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def _machine_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     if not m:
         return [("machine", "not recorded (a run from before machine.json existed)")]
-    cpu = m.get("cpu", {})
+    # machine.json is only shown: a field of the wrong type shows as missing
+    cpu = m.get("cpu") if isinstance(m.get("cpu"), dict) else {}
     rows = [("CPU", f"{cpu.get('model')} ({cpu.get('cores')} cores, torch threads "
                     f"{cpu.get('threads')}, dispatch {cpu.get('capability')})"),
             ("memory", f"{m.get('memory_gib')} GiB"),
             ("versions", f"python {m.get('python')}, torch {m.get('torch')}, "
                          f"CUDA {m.get('cuda') or '-'}")]
-    for g in m.get("gpus", []):
-        rows.append((f"GPU {g['index']}", f"{g['name']} ({g['memory_gib']} GiB)"))
+    gpus = m.get("gpus") if isinstance(m.get("gpus"), list) else []
+    for g in gpus:
+        g = g if isinstance(g, dict) else {}
+        rows.append((f"GPU {g.get('index')}", f"{g.get('name')} ({g.get('memory_gib')} GiB)"))
     return rows
 
 
@@ -258,7 +267,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if run.metrics:
         best = min(run.metrics, key=lambda m: m["fid"])
         summary.append(("best FID", f"{best['fid']:.2f} at {best['kimg']} kimg"))
-    if settings:
+    if settings and all(k in settings for k in ("precision", "channels_last", "how")):
         summary.append(("precision, layout", f"{settings['precision']}, "
                         f"{'channels-last' if settings['channels_last'] else 'NCHW'} "
                         f"({settings['how']})"))

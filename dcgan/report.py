@@ -54,9 +54,22 @@ def append_stats(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def read_stats(path: Path, need: str | None = "kimg") -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file, one per line; lines cut short by a crash, and
-    rows whose `need` field is not a finite number, are left out."""
+# The numbers every row of a file holds (training writes them all; readers index them).
+STATS_FIELDS = ("kimg", "loss_d", "loss_g", "d_real", "d_fake", "img_per_s")  # stats.jsonl
+METRICS_FIELDS = ("kimg", "fid")  # metrics.jsonl: --eval-every's rows
+EVENTS_FIELDS: tuple[str, ...] = ()  # events.jsonl: an "event" name, then its own fields
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what every numeric field of a row must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def read_stats(path: Path, need: tuple[str, ...] = ("kimg",)) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per line. Lines cut short by a crash, and
+    rows whose `need` fields are not all finite numbers (a line edited by hand, or of
+    another program), are left out: every reader can then index those fields."""
     if not path.is_file():
         return []
     rows = []
@@ -67,11 +80,7 @@ def read_stats(path: Path, need: str | None = "kimg") -> list[dict[str, Any]]:
             continue
         # every reader orders and plots rows by kimg: a row without a number there (an
         # edited or foreign line) is skipped like a cut one, not a traceback later
-        if not isinstance(row, dict):
-            continue
-        value = row.get(need) if need else 0.0
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-                value):
+        if isinstance(row, dict) and all(is_number(row.get(k)) for k in need):
             rows.append(row)
     return rows
 

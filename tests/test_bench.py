@@ -76,3 +76,69 @@ def test_reference_waits_until_its_loader_workers_stop_prefetching():
     time.sleep(0.3)
     assert before is not None and _children_cpu_ticks() == before
     del it, loader
+
+
+# -- the command line: one subcommand per table, the old flags as aliases ---------------------
+
+SUBCOMMANDS = {"train": "bench_train", "features": "bench_features",
+               "generator": "bench_generator", "engine": "bench_engine"}
+
+
+@pytest.mark.parametrize("argv, mode, alias", [
+    ([], "train", ""),
+    (["--batch", "4", "--profile", "t.json"], "train", ""),
+    (["train"], "train", ""),
+    (["features"], "features", ""),
+    (["--features"], "features", "--features"),
+    (["--device", "cpu", "--features", "--batch", "32"], "features", "--features"),
+    (["generator"], "generator", ""),
+    (["--generator", "--run", "R", "--gen-batch", "1,8"], "generator", "--generator"),
+    (["engine"], "engine", ""),
+    (["--engine", "--denoise-epochs", "0"], "engine", "--engine"),
+])
+def test_each_subcommand_and_each_old_flag_reach_the_same_function(argv, mode, alias):
+    from dcgan.bench import cli as bench_cli
+    from dcgan.cli import build_parser
+
+    args = build_parser().parse_args(["bench", *argv])
+    assert args.func is getattr(bench_cli, SUBCOMMANDS[mode])
+    assert (args.bench_command, args.bench_alias) == (mode, alias)
+    # the alias and the subcommand parse to the same settings
+    same = build_parser().parse_args(["bench", mode, *(a for a in argv if a not in (alias, mode))])
+    assert {**vars(same), "bench_alias": alias} == vars(args)
+
+
+@pytest.mark.parametrize("argv", [["train", "--denoise-epochs", "0"], ["engine", "--profile", "x"],
+                                  ["features", "--data", "real"], ["generator", "--windows", "2"],
+                                  ["--engine", "--generator"]])
+def test_each_subcommand_has_only_its_own_flags(argv, capsys):
+    from dcgan.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err or "--engine and --generator name different" in err
+
+
+def test_an_old_flag_runs_its_subcommand_after_a_one_line_note(monkeypatch, capsys):
+    from dcgan.bench import features
+    from dcgan.cli import main
+
+    calls = []
+
+    def fake_time(device, batch, windows, calls_per_window, progress):
+        calls.append((device, batch, windows, calls_per_window, progress))
+        return [{"name": "inception", "device": "cpu", "batch": batch, "img_per_s": 1.0}]
+
+    monkeypatch.setattr(features, "time_extractors", fake_time)
+    assert main(["bench", "--features", "--batch", "8", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.err == ("dcgan: note: `dcgan bench --features` is deprecated: use `dcgan bench "
+                       "features`\n")
+    assert main(["bench", "features", "--batch", "8", "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert calls == [("cpu", 8, 5, 3, False)] * 2
+    # a mistake is still one line: checked before the note
+    assert main(["bench", "--features", "--windows", "0"]) == 2
+    assert capsys.readouterr().err == "dcgan: error: --windows must be >= 1, got 0\n"

@@ -1,5 +1,6 @@
 """dcgan.engine against torch autograd: every layer, the losses, the optimisers, the
-DCGAN networks' state dicts, a whole GAN step, the denoiser, and the no-autograd rule.
+DCGAN networks' state dicts, a whole GAN step, the denoiser, the no-autograd rule, and
+the graph walk (any backward order, each node once).
 
 Gradient checks run in float64 and compare max |engine - torch| / max |torch| (the
 "relative error" below) against 1e-10. The conv shape grid is a fixed-seed sample of
@@ -42,6 +43,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
+
+
+def forward_backward(layer, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The engine's y = layer(x), then one graph walk from y with dL/dy = g: (y, dL/dx)."""
+    xl = engine.leaf(x)
+    y = layer(xl)
+    engine.backward(y, g)
+    return y, engine.grad(xl)
 
 
 # ---------------------------------------------------------------- conv shape grid
@@ -94,10 +103,9 @@ def test_conv_layers_match_autograd(kernel: str, transposed: bool) -> None:
         bt = leaf(layer.bias.data) if bias else None
         ref_fn = F.conv_transpose2d if transposed else F.conv2d
         yt = ref_fn(xt, wt, bt, stride=s, padding=p)
-        y = layer(x)
         g = torch.randn_like(yt)
         yt.backward(g)
-        gx = layer.backward(g)
+        y, gx = forward_backward(layer, x, g)
         errs = [rel(y, yt.detach()), rel(gx, xt.grad), rel(layer.weight.grad, wt.grad)]
         if bias:
             errs.append(rel(layer.bias.grad, bt.grad))
@@ -112,11 +120,11 @@ def test_conv_input_grad_can_be_skipped_and_grads_accumulate(kernel: str) -> Non
     layer = engine.Conv2d(3, 4, 3, 2, 1, kernel=kernel).to(dtype=F64)
     x, x2 = torch.randn(2, 3, 7, 7, dtype=F64), torch.randn(2, 3, 7, 7, dtype=F64)
     g = torch.randn(2, 4, 4, 4, dtype=F64)
-    layer(x)
-    assert layer.backward(g, input_grad=False) is None
+    y = layer(x)  # x is data: its node's parent is None, so no input gradient is made
+    assert engine.node_of(y).parents == (None,)
+    engine.backward(y, g)
     first = layer.weight.grad.clone()
-    layer(x2)
-    layer.backward(g)
+    engine.backward(layer(x2), g)
     xt, wt, bt = leaf(x2), leaf(layer.weight.data), leaf(layer.bias.data)
     F.conv2d(xt, wt, bt, stride=2, padding=1).backward(g)
     assert rel(layer.weight.grad, first + wt.grad) < TOL  # added, not overwritten
@@ -144,13 +152,11 @@ def test_kernel_selection_global_and_per_layer() -> None:
     x = torch.randn(1, 1, 5, 5)
     try:
         engine.set_conv_kernel("unfold")
-        glob(x)
-        fixed(x)
-        assert glob._saved[-1][0] == "unfold" and fixed._saved[-1][0] == "native"
+        assert engine.node_of(glob(x)).saved[0] == "unfold"
+        assert engine.node_of(fixed(x)).saved[0] == "native"
     finally:
         engine.set_conv_kernel("native")
-    glob(x)
-    assert glob._saved[-1][0] == "native"
+    assert engine.node_of(glob(x)).saved[0] == "native"
     with pytest.raises(ValueError):
         engine.set_conv_kernel("winograd")
     with pytest.raises(ValueError):
@@ -169,8 +175,7 @@ def test_linear(shape: tuple, bias: bool) -> None:
     yt = F.linear(xt, wt, bt)
     g = torch.randn_like(yt)
     yt.backward(g)
-    y = layer(x)
-    gx = layer.backward(g)
+    y, gx = forward_backward(layer, x, g)
     assert rel(y, yt.detach()) < TOL and rel(gx, xt.grad) < TOL
     assert rel(layer.weight.grad, wt.grad) < TOL
     if bias:
@@ -194,8 +199,7 @@ def test_batchnorm_train_then_eval(shape: tuple) -> None:
         yt = ref(xt)
         g = torch.randn_like(yt)
         yt.backward(g)
-        y = bn(x)
-        gx = bn.backward(g)
+        y, gx = forward_backward(bn, x, g)
         assert rel(y, yt.detach()) < TOL, step
         assert rel(gx, xt.grad) < TOL, step
         assert rel(bn.weight.grad, ref.weight.grad) < TOL
@@ -213,8 +217,7 @@ def test_batchnorm_train_then_eval(shape: tuple) -> None:
     g = torch.randn_like(yt)
     yt.backward(g)
     running = bn.running_mean.clone()
-    y = bn(x)
-    gx = bn.backward(g)
+    y, gx = forward_backward(bn, x, g)
     assert torch.equal(bn.running_mean, running)  # eval leaves the statistics alone
     assert rel(y, yt.detach()) < TOL and rel(gx, xt.grad) < TOL
     assert rel(bn.weight.grad, ref.weight.grad) < TOL
@@ -237,25 +240,25 @@ def test_activations(name: str) -> None:
     yt = fn(xt)
     g = torch.randn_like(yt)
     yt.backward(g)
-    y = layer(x)
+    y, gx = forward_backward(layer, x, g)
     assert rel(y, yt.detach()) < TOL
-    assert rel(layer.backward(g), xt.grad) < TOL
+    assert rel(gx, xt.grad) < TOL
 
 
 def test_dropout_train_and_eval() -> None:
     torch.manual_seed(6)
     drop = engine.Dropout(0.3)
     x = torch.rand(64, 8, 8, 8, dtype=F64) + 1.0  # strictly positive so the mask is y / x
-    y = drop(x)
+    g = torch.randn_like(x)
+    y, gx = forward_backward(drop, x, g)
     mask = y / x
     kept = mask != 0
     assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / 0.7))
     assert abs((~kept).double().mean().item() - 0.3) < 0.02
-    g = torch.randn_like(x)
-    assert torch.allclose(drop.backward(g), g * mask, rtol=1e-12, atol=0)
+    assert torch.allclose(gx, g * mask, rtol=1e-12, atol=0)
     drop.eval()
-    assert torch.equal(drop(x), x)
-    assert torch.equal(drop.backward(g), g)
+    y, gx = forward_backward(drop, x, g)
+    assert torch.equal(y, x) and torch.equal(gx, g)
 
 
 def _pair_of_sequentials(kernel: str) -> tuple[engine.Sequential, nn.Sequential]:
@@ -275,8 +278,9 @@ def _pair_of_sequentials(kernel: str) -> tuple[engine.Sequential, nn.Sequential]
 
 @pytest.mark.parametrize("kernel", engine.KERNELS)
 def test_sequential_two_forwards_then_two_backwards(kernel: str) -> None:
-    """The saved-tensor stack: forward a, forward b, backward b, backward a gives the
-    sum of both passes' parameter gradients, as torch does for (loss_a + loss_b)."""
+    """Forward a, forward b, backward b, backward a: each pass has its own nodes, so the
+    parameter gradients are the sum of both passes', as torch's for (loss_a + loss_b);
+    a second backward through a spent forward is refused."""
     torch.manual_seed(7)
     ours, theirs = _pair_of_sequentials(kernel)
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -284,23 +288,25 @@ def test_sequential_two_forwards_then_two_backwards(kernel: str) -> None:
     ga, gb = torch.randn(2, 4, 12, 12, dtype=F64), torch.randn(3, 4, 12, 12, dtype=F64)
     at, bt = leaf(a), leaf(b)
     ((theirs(at) * ga).sum() + (theirs(bt) * gb).sum()).backward()
-    ours(a)
-    ours(b)
-    gxb = ours.backward(gb)
-    gxa = ours.backward(ga)
-    assert rel(gxa, at.grad) < TOL and rel(gxb, bt.grad) < TOL
+    al, bl = engine.leaf(a), engine.leaf(b)
+    ya, yb = ours(al), ours(bl)
+    engine.backward(yb, gb)
+    engine.backward(ya, ga)
+    assert rel(engine.grad(al), at.grad) < TOL and rel(engine.grad(bl), bt.grad) < TOL
     ref = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         assert rel(p.grad, ref[name].grad) < TOL, name
-    with pytest.raises(RuntimeError, match="without a saved forward"):
-        ours.backward(ga)  # both entries consumed
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        engine.backward(ya, ga)  # its saved tensors were freed by the first walk
 
 
 def test_no_grad_saves_nothing_but_updates_running_stats() -> None:
     seq = engine.Sequential(engine.Conv2d(2, 3, 3), engine.BatchNorm2d(3), engine.ReLU())
     with engine.no_grad():
-        seq(torch.randn(4, 2, 5, 5))
-    assert all(not m._saved for m in seq.modules())
+        y = seq(torch.randn(4, 2, 5, 5))
+    assert engine.node_of(y) is None
+    with pytest.raises(RuntimeError, match="not produced by a recorded engine op"):
+        engine.backward(y.sum())
     assert seq[1].num_batches_tracked.item() == 1
     assert seq[1].running_mean.abs().sum() > 0
 
@@ -315,10 +321,11 @@ def test_losses() -> None:
         pt = leaf(pred)
         lt = ref(pt, target)
         lt.backward()
-        loss = ours(pred, target)
+        loss, gp = forward_backward(lambda p, ours=ours: ours(p, target), pred,
+                                    torch.tensor(1.0, dtype=F64))
         assert loss.dim() == 0
         assert rel(loss, lt.detach()) < TOL
-        assert rel(ours.backward(), pt.grad) < TOL
+        assert rel(gp, pt.grad) < TOL
     # a scalar target broadcasts, as the GAN step uses it
     bce = engine.BCEWithLogitsLoss()
     x = torch.randn(7, dtype=F64)
@@ -426,8 +433,7 @@ def test_dcgan_networks_gradients_in_train_mode(kernel: str) -> None:
     logits_t = td(tg(zt))
     g = torch.randn_like(logits_t)
     logits_t.backward(g)
-    logits = ed(eg(z))
-    gz = eg.backward(ed.backward(g))
+    logits, gz = forward_backward(lambda t: ed(eg(t)), z, g)
     assert rel(logits, logits_t.detach()) < TOL
     assert gz.shape == z.shape and rel(gz, zt.grad) < TOL
     for ours, theirs in ((eg, tg), (ed, td)):
@@ -507,8 +513,8 @@ def test_engine_step_runs_without_autograd(monkeypatch: pytest.MonkeyPatch) -> N
             assert p.grad.abs().sum() > 0
 
 
-ENGINE_CORE = ["module.py", "conv.py", "layers.py", "losses.py", "optim.py", "models.py",
-               "gan.py"]
+ENGINE_CORE = ["graph.py", "functions.py", "module.py", "conv.py", "layers.py", "losses.py",
+               "optim.py", "models.py", "gan.py"]
 
 
 @pytest.mark.parametrize("filename", ENGINE_CORE)
@@ -602,3 +608,102 @@ def test_compare_dcgan_steps_times_each_impl_in_turn() -> None:
     times = compare_dcgan_steps(IMPLS, batch=2, resolution=32, nc=1, steps=3, warmup=1, width=8)
     assert set(times) == set(IMPLS)
     assert all(len(t) == 3 and all(0 < x < 60 for x in t) for t in times.values())
+
+
+# ---------------------------------------------------------------- the graph walk
+@pytest.mark.parametrize("order", ["fake-first", "real-first"])
+def test_discriminator_two_forwards_any_backward_order(order: str) -> None:
+    """D on real, then D on fake (train-mode BatchNorm, so each pass keeps its own batch
+    statistics); the two losses' backward calls in either order give torch's gradients.
+    With the old per-module stacks, "real-first" silently paired the real loss's gradient
+    with the fake pass's saved tensors (relative error ~2 on main.0.weight)."""
+    torch.manual_seed(15)
+    ed = engine.build_discriminator(4, 2, 32).to(dtype=F64)
+    td = Discriminator(4, 2, 32).to(F64)
+    td.load_state_dict(ed.state_dict())
+    real = torch.rand(5, 2, 32, 32, dtype=F64) * 2 - 1
+    fake = torch.randn(5, 2, 32, 32, dtype=F64)
+    t_real = torch.full((5,), 0.9, dtype=F64)
+    (F.binary_cross_entropy_with_logits(td(real), t_real)
+     + F.binary_cross_entropy_with_logits(td(fake), torch.zeros(5, dtype=F64))).backward()
+    bce_real, bce_fake = engine.BCEWithLogitsLoss(), engine.BCEWithLogitsLoss()
+    loss_real = bce_real(ed(real), t_real)
+    loss_fake = bce_fake(ed(fake), 0.0)
+    losses = [loss_fake, loss_real] if order == "fake-first" else [loss_real, loss_fake]
+    for loss in losses:
+        engine.backward(loss)
+    ref = dict(td.named_parameters())
+    for name, p in ed.named_parameters():
+        assert rel(p.grad, ref[name].grad) < TOL, name
+
+
+def test_graph_walk_runs_each_node_once_on_a_diamond() -> None:
+    """h = lin(x) is used twice: through tanh -> sigmoid, and directly, joined by add.
+    The walk calls each backward once, lin's last (after both of h's consumers), with
+    the sum of both paths' gradients; every gradient matches torch's."""
+    torch.manual_seed(16)
+    lin = engine.Linear(6, 5).to(dtype=F64)
+    tanh, sig = engine.Tanh(), engine.Sigmoid()
+    calls: list[str] = []
+
+    def counted(m: engine.Module):
+        inner = m.backward
+
+        def backward(saved, g, input_grad):
+            calls.append(type(m).__name__)
+            return inner(saved, g, input_grad)
+        return backward
+
+    for m in (lin, tanh, sig):
+        m.backward = counted(m)  # an instance attribute: the walk calls node.op.backward
+    x, g = torch.randn(4, 6, dtype=F64), torch.randn(4, 5, dtype=F64)
+    xl = engine.leaf(x)
+    h = lin(xl)
+    a = sig(tanh(h))
+    out = engine.add(a, h)
+    assert engine.node_of(out).parents == (engine.node_of(a), engine.node_of(h))
+    engine.backward(out, g)
+    assert calls == ["Sigmoid", "Tanh", "Linear"]
+    xt, wt, bt = leaf(x), leaf(lin.weight.data), leaf(lin.bias.data)
+    ht = F.linear(xt, wt, bt)
+    (torch.sigmoid(torch.tanh(ht)) + ht).backward(g)
+    assert rel(engine.grad(xl), xt.grad) < TOL
+    assert rel(lin.weight.grad, wt.grad) < TOL and rel(lin.bias.grad, bt.grad) < TOL
+    # one tensor fed twice into the same op: both input slots send their gradient
+    xl2 = engine.leaf(x)
+    engine.backward(engine.add(xl2, xl2), g[:, :1].expand(4, 6).contiguous())
+    assert torch.equal(engine.grad(xl2), 2 * g[:, :1].expand(4, 6))
+
+
+def test_graph_records_only_what_can_carry_a_gradient() -> None:
+    x = torch.randn(2, 3)
+    assert engine.node_of(engine.ReLU()(x)) is None  # data in, no parameters: no node
+    y = engine.Linear(3, 2)(x)  # parameters: a node whose input slot is empty
+    assert engine.node_of(y).parents == (None,)
+    with engine.no_grad():
+        assert engine.node_of(engine.Linear(3, 2)(x)) is None
+    drop = engine.Dropout(0.5).eval()
+    xl = engine.leaf(x)
+    out = drop(xl)  # the identity, recorded on an alias: x's own node is untouched
+    assert out is not xl and engine.node_of(out).parents == (engine.node_of(xl),)
+    with pytest.raises(RuntimeError, match="more than one element"):
+        engine.backward(y)
+    with pytest.raises(ValueError, match="grad_out shape"):
+        engine.backward(y, torch.ones(3))
+
+
+def test_a_forward_never_back_propagated_is_freed_without_the_cycle_collector() -> None:
+    """ReLU saves its own output; the node sits on an alias of it, so no reference cycle
+    (output -> node -> saved output) keeps the tensors alive once the output is dropped."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        y = engine.ReLU()(engine.Linear(3, 4)(torch.randn(2, 3)))
+        saved = weakref.ref(engine.node_of(y).saved[0])
+        assert saved() is not None
+        del y
+        assert saved() is None
+    finally:
+        gc.enable()

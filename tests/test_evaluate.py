@@ -19,7 +19,8 @@ from PIL import Image
 
 from dcgan.checkpoint import save_generator
 from dcgan.errors import UserError
-from dcgan.evaluate import FidTracker, evaluate, format_table, parse_side, sample_generator
+from dcgan.eval_table import format_table
+from dcgan.evaluate import FidTracker, evaluate, parse_side, sample_generator
 from dcgan.features import (
     INCEPTION_SHA256,
     INCEPTION_SIZE,
@@ -365,6 +366,165 @@ def test_cached_statistics_follow_the_folder_content(tmp_path):
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(a / "0.png")
     changed = evaluate(str(a), str(b), ["fid"], "inception", n=50, progress=False)
     assert abs(changed["fid"] - first["fid"]) > 1.0
+
+
+# -- the metric registry -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The metric registry, restored afterwards: a test may register metrics of its own."""
+    from dcgan import metric_registry
+
+    monkeypatch.setattr(metric_registry, "REGISTRY", dict(metric_registry.REGISTRY))
+    return metric_registry
+
+
+def test_one_registered_function_is_a_metric_of_the_help_json_table_and_tracker(
+        registry, tmp_path, monkeypatch, capsys):
+    """Registering a metric is the only edit: `dcgan eval --help` lists it, --metrics runs
+    it, its field goes into the JSON and its row into the table, and FidTracker runs it."""
+    import importlib
+
+    from dcgan.cli import main
+
+    pipeline = importlib.import_module("dcgan.evaluate")  # the name `dcgan.evaluate` is the API's
+    monkeypatch.setattr(pipeline, "get_extractor", lambda *a, **k: _toy_extractor())  # no weights
+    seen = []
+
+    @registry.metric("centre_gap", needs=("features", "n"))
+    def centre_gap(features, n):
+        """distance between A's and B's mean features"""
+        seen.append((features.a.array, features.b.array, n))
+        return {"centre_gap": float(np.linalg.norm(features.a.array.mean(0)
+                                                   - features.b.array.mean(0)))}
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "centre_gap: distance between A's and B's mean features" in " ".join(
+        capsys.readouterr().out.split())
+
+    a, b = _image_folder(tmp_path / "a", 12, seed=1), _image_folder(tmp_path / "b", 12, seed=2)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(a), str(b), "--metrics", "centre_gap,fid", "--n", "12", "--json",
+                 str(out), "--device", "cpu", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    [(fa, fb, n)] = seen
+    assert fa.shape == fb.shape == (12, 2) and n == 12
+    expected = float(np.linalg.norm(fa.mean(0) - fb.mean(0)))
+    assert saved["centre_gap"] == expected > 0
+    assert f"  centre_gap  {expected:.4f}\n" in table and "  FID  " in table
+    # the result is the metadata and the two metrics' fields, nothing else
+    meta = set(registry.METADATA) - {"classifier_test_accuracy"}
+    assert set(saved) == meta | {"fid", "centre_gap"}
+
+    tracker = FidTracker("fake", 32, 3, "inception", n=10, metrics=("fid", "centre_gap"))
+    r = tracker(Generator(nz=8, ngf=8, nc=3, resolution=32).eval())
+    assert list(r) == ["fid", "centre_gap", "features"] and r["features"] == "toy"
+    assert r["centre_gap"] == float(np.linalg.norm(seen[-1][0].mean(0) - seen[-1][1].mean(0)))
+    with pytest.raises(UserError, match="images"):
+        FidTracker("fake", 32, 3, "inception", n=10, metrics=("parzen",))
+
+
+def test_the_registry_refuses_a_second_name_an_unknown_input_and_a_taken_field(registry):
+    def empty(**_):
+        return {}
+
+    with pytest.raises(ValueError, match="registered already"):
+        registry.metric("fid", needs=("features",))(empty)
+    with pytest.raises(ValueError, match="inputs are features, logits, images, n"):
+        registry.metric("sharpness", needs=("pixels",))(empty)
+    with pytest.raises(ValueError, match=r"overwrite \['precision'\]"):
+        registry.metric("sharpness", needs=("images",), fields=("precision",))(empty)
+    with pytest.raises(ValueError, match=r"overwrite \['n'\]"):  # the comparison's own key
+        registry.metric("n", needs=("images",))(empty)
+    with pytest.raises(ValueError, match="no commas"):
+        registry.metric("a,b", needs=("images",))(empty)
+
+    @registry.metric("loose", needs=("n",))
+    def loose(n):
+        return {"loose": n, "extra": 1}
+
+    with pytest.raises(RuntimeError, match="undeclared fields \\['extra'\\]"):
+        registry.run(["loose"], {"n": 10})
+    assert registry.check_names(["loose", " FID", "loose"]) == ["loose", "fid"]
+
+
+def test_the_registered_metrics_compute_what_dcgan_metrics_does(registry):
+    """Each built-in metric, run through the registry, gives the very numbers and keys
+    of the functions in dcgan.metrics (as `evaluate` wrote them before the registry)."""
+    from dcgan.metric_registry import Features, Logits, Pair
+    from dcgan.metrics import (
+        fid_from_features,
+        inception_score,
+        kid_from_features,
+        parzen_log_likelihood,
+        parzen_select_sigma,
+        precision_recall,
+    )
+
+    rng = np.random.default_rng(0)
+    fa, fb = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(30, 6)) + 0.5
+    za, zb = rng.normal(size=(40, 10)), rng.normal(size=(30, 10)) * 3
+    ia, ib = _random_images(40, 1, 8, seed=1), _random_images(30, 1, 8, seed=2)
+    inputs = {"features": Pair(Features(fa), Features(fb)), "images": Pair(ia, ib), "n": 40,
+              "logits": Logits(za, zb, "classifier", "domain-x")}
+    r = registry.run(["parzen", "is", "pr", "kid", "fid"], inputs)
+    assert list(r) == ["fid", "kid", "precision", "recall", "classifier_score",
+                       "classifier_score_b", "classifier_score_features", "parzen",
+                       "parzen_sigma", "parzen_n"]  # registration order, whatever was asked
+    assert r["fid"] == fid_from_features(fa, fb)
+    assert r["kid"] == list(kid_from_features(fa, fb))
+    assert (r["precision"], r["recall"]) == precision_recall(real=fb, fake=fa)
+    assert r["classifier_score"] == list(inception_score(za, splits=10))
+    assert r["classifier_score_b"] == list(inception_score(zb, splits=10))
+    assert r["classifier_score_features"] == "domain-x"
+    centres = ia.reshape(40, -1).astype(np.float32) / 255.0
+    held = ib.reshape(30, -1).astype(np.float32) / 255.0
+    sigma = parzen_select_sigma(centres, held[:15])
+    assert r["parzen_sigma"] == sigma
+    assert r["parzen"] == list(parzen_log_likelihood(centres, held[15:], sigma))
+    assert r["parzen_n"] == {"kernels": 40, "validation": 15, "test": 15}
+    inception = registry.run(["is"], {**inputs, "logits": Logits(za, zb, "inception", "v3")})
+    assert set(inception) == {"is", "is_b", "is_features"}
+    with pytest.raises(UserError, match="at least 2 images on side B"):
+        registry.run(["parzen"], {"images": Pair(ia, ib[:1])})
+
+
+def test_the_table_prints_each_metric_as_before():
+    """The rows now come from the registry; the text is what format_table printed before."""
+    r = {"a": {"spec": "runs/x", "kind": "generator", "source": "fashion-mnist", "kimg": 12.5},
+         "b": {"spec": "fashion-mnist:test", "kind": "data", "source": "fashion-mnist",
+               "split": "test"},
+         "n": {"a": 300, "b": 300}, "n_requested": 300, "features": "inception-v3-abc",
+         "resolution": 32, "channels": 1, "device": "cpu", "fid": 12.3456,
+         "kid": [0.012345, 0.000678], "precision": 0.71234, "recall": 0.61234,
+         "classifier_score": [6.91234, 0.123], "classifier_score_b": [7.1, 0.2],
+         "classifier_score_features": "domain-fashion-mnist-32px-1ch-1234",
+         "parzen": [-123.456, 4.56], "parzen_sigma": 0.1668,
+         "parzen_n": {"kernels": 300, "validation": 150, "test": 150}, "time": 12.34}
+    assert format_table(r) == (
+        "A: runs/x (generator, 12.5 kimg, 300 samples)\n"
+        "B: fashion-mnist:test (test, 300 images)\n"
+        "features: inception-v3-abc  at 32px, 1 channel(s)\n"
+        "  FID                            12.346\n"
+        "  KID                            0.01235 ± 0.00068\n"
+        "  precision (k=3)                0.7123\n"
+        "  recall (k=3)                   0.6123\n"
+        "  classifier score A             6.912 ± 0.123\n"
+        "  classifier score B             7.100 ± 0.200\n"
+        "    (scored with                 domain-fashion-mnist-32px-1ch-1234)\n"
+        "  Parzen log-lik. (sigma 0.167)  -123.5 ± 4.6 nats\n"
+        "time: 12.3 s")
+    for key in ("classifier_score", "classifier_score_b", "classifier_score_features"):
+        del r[key]
+    r.update({"is": [3.2, 0.1], "is_b": [3.3, 0.2], "is_features": "inception-v3-abc",
+              "classifier_test_accuracy": 0.9123})
+    lines = format_table(r).splitlines()
+    assert lines[2].endswith("(classifier test accuracy 91.2%)")
+    assert lines[7:9] == ["  Inception Score A              3.200 ± 0.100",
+                          "  Inception Score B              3.300 ± 0.200"]
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_the_gpu_plan_fits_in_8_minutes_and_names_its_parts(tmp_path):
         assert "--device cuda" in commands[name] and "--peak-tflops 989.0" in commands[name]
     assert "--batch 128" in commands["bench-128"] and "--batch 512" in commands["bench-512"]
     assert "--compile-mode reduce-overhead" in commands["compile-reduce-overhead"]
-    assert "bench --features --device cuda" in commands["inception-features"]
+    assert "bench features --device cuda" in commands["inception-features"]
     assert "--nproc-per-node 1" in commands["torchrun"]
     assert "--data-on host" in commands["data-on-host"]
     assert "-k cuda" in commands["tests"]

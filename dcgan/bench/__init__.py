@@ -7,4 +7,7 @@
 - `engine`: dcgan.engine's GAN step and seed 003's denoiser against torch autograd.
 - `generator`: G's inference speed, eager and as exported.
 - `features`: the feature extractors of `dcgan eval`.
+- `cli`: `dcgan bench train|features|generator|engine`, one subcommand per table
+  (`dcgan bench` alone is `train`; the old flags --features, --generator, --engine
+  are deprecated aliases).
 """

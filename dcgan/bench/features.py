@@ -1,4 +1,4 @@
-"""`dcgan bench --features`: images/s of the feature extractors `dcgan eval` uses."""
+"""`dcgan bench features`: images/s of the feature extractors `dcgan eval` uses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dcgan bench --generator`: inference images/s of G, eager and as exported.
+"""`dcgan bench generator`: inference images/s of G, eager and as exported.
 
 The variants are the eager G, `torch.compile`, and the two files `dcgan export`
 writes (TorchScript, ONNX Runtime), timed in turns by the bench's one loop.

@@ -158,12 +158,12 @@ class _ConvBase(Module):
         if self._kernel() == "native":
             b = self.bias.data if self.bias is not None else None
             y = torch.ops.aten.convolution(x, self.weight.data, b, *self._aten_args())
-            self._push("native", x)
-            return y
-        return self._unfold_forward(x)
+            return self._record(y, x, "native", x)
+        y, saved = self._unfold_forward(x)
+        return self._record(y, x, *saved)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        saved = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
         if saved[0] == "native":
             x = saved[1]
             has_bias = self.bias is not None
@@ -190,7 +190,7 @@ class Conv2d(_ConvBase):
                  bias: bool = True, kernel: str | None = None):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding, bias, kernel)
 
-    def _unfold_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _unfold_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         n = x.shape[0]
         cols, (ho, wo) = unfold(x, self.kernel_size, self.stride, self.padding)  # (CKK, NL)
         w2 = self.weight.data.view(self.out_ch, -1)  # (C', CKK)
@@ -198,8 +198,7 @@ class Conv2d(_ConvBase):
             s = torch.addmm(self.bias.data.view(-1, 1), w2, cols)  # (C', N H' W')
         else:
             s = w2 @ cols
-        self._push("unfold", cols, x.shape)
-        return _batch_major(s, n, ho, wo)
+        return _batch_major(s, n, ho, wo), ("unfold", cols, x.shape)
 
     def _unfold_backward(self, grad_out: torch.Tensor, saved: tuple,
                          input_grad: bool) -> torch.Tensor | None:
@@ -229,7 +228,7 @@ class ConvTranspose2d(_ConvBase):
         (k1, k2), (s1, s2), (p1, p2) = self.kernel_size, self.stride, self.padding
         return (h - 1) * s1 - 2 * p1 + k1, (w - 1) * s2 - 2 * p2 + k2
 
-    def _unfold_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _unfold_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         n, _, h, w = x.shape
         ho, wo = self._out_size(h, w)
         if ho <= 0 or wo <= 0:
@@ -239,8 +238,7 @@ class ConvTranspose2d(_ConvBase):
         y = fold(cols, (n, self.out_ch, ho, wo), self.kernel_size, self.stride, self.padding)
         if self.bias is not None:
             y += self.bias.data.view(1, -1, 1, 1)
-        self._push("unfold", x2, x.shape)
-        return y
+        return y, ("unfold", x2, x.shape)
 
     def _unfold_backward(self, grad_out: torch.Tensor, saved: tuple,
                          input_grad: bool) -> torch.Tensor | None:

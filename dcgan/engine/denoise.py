@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from dcgan.engine.conv import Conv2d, ConvTranspose2d
+from dcgan.engine.graph import backward, no_grad
 from dcgan.engine.layers import ReLU, Sigmoid
 from dcgan.engine.losses import MSELoss
-from dcgan.engine.module import Module, Sequential, no_grad
+from dcgan.engine.module import Module, Sequential
 from dcgan.engine.optim import SGD
 from dcgan.engine.reference import torch_denoiser
 
@@ -70,9 +71,7 @@ def psnr(pred: torch.Tensor, clean: torch.Tensor) -> float:
 def _engine_epoch(net: Module, opt: SGD, loss: MSELoss, batches: list) -> None:
     net.train()
     for x, y in batches:
-        out = net(x)
-        loss(out, y)
-        net.backward(loss.backward(), input_grad=False)
+        backward(loss(net(x), y))
         opt.step()
         opt.zero_grad()
 

@@ -3,16 +3,15 @@
 Order of operations (the same as dcgan.engine.reference.TorchGAN, the autograd step it
 is tested against):
 
-  d_step: zero D's grads; D(real) -> BCE(target_real) -> backward into D;
-          G(z) under engine.no_grad() (nothing kept for G); D(fake) -> BCE(target_fake)
-          -> backward into D (the two passes' gradients add up); Adam step on D.
-  g_step: zero G's grads; fake = G(z); D(fake) -> BCE(1) -> backward through D into G;
-          Adam step on G. D's weight gradients from this pass are left behind and are
-          wiped by the next d_step's zero_grad, as in the usual torch loop.
+  d_step: zero D's grads; D(real) -> BCE(target_real); G(z) under engine.no_grad()
+          (nothing recorded for G); D(fake) -> BCE(target_fake); one backward of the
+          sum walks both D passes (each its own nodes; the gradients add up); Adam on D.
+  g_step: zero G's grads; fake = G(z); D(fake) -> BCE(1) -> one backward walks D's
+          nodes, then G's; Adam step on G. D's weight gradients from this pass are left
+          behind and are wiped by the next d_step's zero_grad, as in the usual torch loop.
 
-Every forward that is back-propagated is followed by its own backward before the next
-forward of that module, so the per-module saved-tensor stacks never hold more than one
-entry.
+Which tensors each backward uses is fixed by the nodes the forwards recorded, not by
+the order of the calls (dcgan.engine.graph).
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ from typing import Any
 
 import torch
 
+from dcgan.engine.functions import add
+from dcgan.engine.graph import backward, no_grad
 from dcgan.engine.losses import BCEWithLogitsLoss
 from dcgan.engine.models import build_discriminator, build_generator
-from dcgan.engine.module import no_grad
 from dcgan.engine.optim import SGD, Adam, Optimizer
 
 
@@ -78,14 +78,15 @@ class ScratchGAN:
         self.d_opt.zero_grad()
         logits_real = D(x_real)  # (N,)
         loss_real = self.loss(logits_real, target_real)
-        D.backward(self.loss.backward(), input_grad=False)
         with no_grad():
-            fake = G(z)  # (N, nc, R, R); nothing saved, G gets no gradient
+            fake = G(z)  # (N, nc, R, R); nothing recorded, G gets no gradient
         logits_fake = D(fake)
         loss_fake = self.loss(logits_fake, target_fake)
-        D.backward(self.loss.backward(), input_grad=False)
+        loss_d = add(loss_real, loss_fake)
+        backward(loss_d)  # both D passes; neither input needs a gradient
         self.d_opt.step()
-        return {"loss_d": loss_real + loss_fake, "d_real": torch.sigmoid(logits_real).mean(),
+        # detach(): the reported numbers carry no (spent) tape node
+        return {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(logits_real).mean(),
                 "d_fake": torch.sigmoid(logits_fake).mean()}
 
     def g_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -95,10 +96,9 @@ class ScratchGAN:
         fake = G(z)
         logits = D(fake)
         loss_g = self.loss(logits, 1.0)
-        grad_fake = D.backward(self.loss.backward())  # (N, nc, R, R); D's grads are discarded
-        G.backward(grad_fake, input_grad=False)
+        backward(loss_g)  # through D (its grads are discarded) into G
         self.g_opt.step()
-        return {"loss_g": loss_g}
+        return {"loss_g": loss_g.detach()}
 
     def step(self, x_real: torch.Tensor, z: torch.Tensor, target_real: torch.Tensor | float = 1.0,
              target_fake: torch.Tensor | float = 0.0) -> dict[str, torch.Tensor]:

@@ -25,11 +25,11 @@ class Linear(Module):
             y = torch.addmm(self.bias.data, x2, self.weight.data.t())
         else:
             y = x2 @ self.weight.data.t()
-        self._push(x2, x.shape)
-        return y.view(*x.shape[:-1], self.out_f)
+        return self._record(y.view(*x.shape[:-1], self.out_f), x, x2, x.shape)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        x2, shape = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        x2, shape = saved
         g = grad_out.reshape(-1, self.out_f)  # (M, out_f)
         self.weight.accumulate(g.t() @ x2)  # dL/dW = G^T X, (out_f, in_f)
         if self.bias is not None:
@@ -87,11 +87,11 @@ class BatchNorm2d(Module):
         # y = beta + xc * (gamma * invstd) in one pass
         scale = self.weight.data * invstd
         y = torch.addcmul(self.bias.data.view(1, c, 1, 1), xc, scale.view(1, c, 1, 1))
-        self._push(xc, invstd, self.training)
-        return y
+        return self._record(y, x, xc, invstd, self.training)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        xc, invstd, training = self._pop()  # centred input (N, C, H, W), 1/std (C,)
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        xc, invstd, training = saved  # centred input (N, C, H, W), 1/std (C,)
         c = self.ch
         m = xc.numel() // c
         view = (1, c, 1, 1)
@@ -118,11 +118,11 @@ class BatchNorm2d(Module):
 class ReLU(Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.clamp_min(0)
-        self._push(y)
-        return y
+        return self._record(y, x, y)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        (y,) = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        (y,) = saved
         # d relu / dx = 1 where the output is positive, else 0 (0 at x = 0, as torch).
         # y >= 0, so sign(y) is exactly that 0/1 mask; a multiply by it is several
         # times faster on CPU than comparison + torch.where.
@@ -141,11 +141,11 @@ class LeakyReLU(Module):
             y = torch.where(x > 0, x, x * self.slope)
         # the branch taken is "x > 0"; for slope >= 0 that equals "y > 0", so the output
         # (which the next layer keeps anyway) is saved; a negative slope flips y's sign
-        self._push(y if self.slope >= 0 else x)
-        return y
+        return self._record(y, x, y if self.slope >= 0 else x)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        (t,) = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        (t,) = saved
         if not input_grad:
             return None
         # factor = 1 where t > 0, else slope (slope at exactly 0, as torch):
@@ -160,22 +160,22 @@ class LeakyReLU(Module):
 class Tanh(Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.tanh(x)
-        self._push(y)
-        return y
+        return self._record(y, x, y)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        (y,) = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        (y,) = saved
         return grad_out * (1 - y * y) if input_grad else None  # tanh' = 1 - tanh^2
 
 
 class Sigmoid(Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.sigmoid(x)
-        self._push(y)
-        return y
+        return self._record(y, x, y)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        (y,) = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        (y,) = saved
         return grad_out * (1 - y) * y if input_grad else None  # sigma' = sigma (1 - sigma)
 
 
@@ -191,17 +191,16 @@ class Dropout(Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
-            self._push(None)
-            return x
+            return self._record(x, x, None)  # the identity (recorded on an alias of x)
         if self.p == 1.0:
             mask = torch.zeros_like(x)
         else:
             mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
-        self._push(mask)
-        return x * mask
+        return self._record(x * mask, x, mask)
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        (mask,) = self._pop()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        (mask,) = saved
         if not input_grad:
             return None
         return grad_out if mask is None else grad_out * mask

@@ -1,33 +1,25 @@
-"""Mean-reduced losses. forward(pred, target) returns a 0-d tensor and saves what
-backward() needs on a stack (same LIFO rule as modules); backward() returns dL/dpred."""
+"""Mean-reduced losses. forward(pred, target) returns a 0-d tensor that carries its tape
+node (dcgan.engine.graph), so `engine.backward(loss)` starts there; the loss's own
+backward returns dL/dpred. The target is data: no gradient flows into it."""
 
 from __future__ import annotations
 
 import torch
 
-from dcgan.engine.module import _without_torch_graph, is_saving
+from dcgan.engine.graph import record
+from dcgan.engine.module import _without_torch_graph
 
 
 class _Loss:
-    def __init__(self) -> None:
-        self._saved: list[tuple] = []
-
     def __call__(self, pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
         return self.forward(pred, target)
-
-    def _push(self, *saved: object) -> None:
-        if is_saving():
-            self._saved.append(saved)
-
-    def _pop(self) -> tuple:
-        if not self._saved:
-            raise RuntimeError(f"{type(self).__name__}.backward called without a forward")
-        return self._saved.pop()
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
         raise NotImplementedError
 
-    def backward(self) -> torch.Tensor:
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        """dL/dpred times grad_out (a 0-d tensor: 1 when the loss is the root)."""
         raise NotImplementedError
 
 
@@ -43,13 +35,12 @@ class MSELoss(_Loss):
     @_without_torch_graph
     def forward(self, pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
         diff = pred - _as_target(target, pred)
-        self._push(diff)
-        return (diff * diff).mean()
+        return record(self, (diff * diff).mean(), (pred,), (diff,))
 
-    @_without_torch_graph
-    def backward(self) -> torch.Tensor:
-        (diff,) = self._pop()
-        return diff * (2.0 / diff.numel())
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        (diff,) = saved
+        return diff * (2.0 / diff.numel() * grad_out) if input_grad else None
 
 
 class BCEWithLogitsLoss(_Loss):
@@ -65,10 +56,11 @@ class BCEWithLogitsLoss(_Loss):
     def forward(self, pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
         t = _as_target(target, pred)
         loss = pred.clamp_min(0) - pred * t + torch.log1p(torch.exp(-pred.abs()))
-        self._push(pred, t)
-        return loss.mean()
+        return record(self, loss.mean(), (pred,), (pred, t))
 
-    @_without_torch_graph
-    def backward(self) -> torch.Tensor:
-        pred, t = self._pop()
-        return (torch.sigmoid(pred) - t) / pred.numel()
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        pred, t = saved
+        if not input_grad:
+            return None
+        return ((torch.sigmoid(pred) - t) / pred.numel()).mul_(grad_out)

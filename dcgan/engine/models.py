@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dcgan.engine.conv import Conv2d, ConvTranspose2d
+from dcgan.engine.functions import reshape
 from dcgan.engine.layers import BatchNorm2d, Dropout, LeakyReLU, ReLU, Tanh
 from dcgan.engine.module import Module, Sequential
 from dcgan.models import block_widths
@@ -38,13 +39,8 @@ class EngineGenerator(Module):
         self.main = Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        self._push(z.shape)
-        return self.main.forward(z.reshape(z.shape[0], self.nz, 1, 1))
-
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        (z_shape,) = self._pop()
-        g = self.main.backward(grad_out, input_grad)  # (N, nz, 1, 1)
-        return None if g is None else g.reshape(z_shape)  # back to z's own layout
+        # a recorded reshape, so dL/dz comes back in z's own layout
+        return self.main.forward(reshape(z, (z.shape[0], self.nz, 1, 1)))
 
 
 class EngineDiscriminator(Module):
@@ -66,10 +62,7 @@ class EngineDiscriminator(Module):
         self.main = Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main.forward(x).view(-1)  # (N, 1, 1, 1) -> (N,)
-
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        return self.main.backward(grad_out.reshape(-1, 1, 1, 1), input_grad)
+        return reshape(self.main.forward(x), (-1,))  # (N, 1, 1, 1) -> (N,)
 
 
 def dcgan_init(module: Module) -> None:

@@ -1,47 +1,27 @@
-"""Parameters, the Module base class, Sequential, and the rule for saved tensors.
+"""Parameters, the Module base class and Sequential.
 
-Saved-tensor rule (a stack per module). Every forward that runs while saving is on
-pushes what its own backward will need onto that module's stack; every backward pops
-the newest entry. Forward/backward pairs may therefore be nested LIFO:
+A module with a hand-written backward (a layer) ends its forward with
+`return self._record(y, x, *saved)`: the tensors its backward needs go on a new tape
+node attached to the output (dcgan.engine.graph), not on the module, so every call
+keeps its own. `engine.backward(loss)` later calls `layer.backward(saved, g,
+input_grad)` once per recorded call. Composite modules (Sequential, the DCGAN networks)
+only chain forwards; their layers' nodes form the graph.
 
-    D(real); D.backward(g_real); D(fake); D.backward(g_fake)      # what ScratchGAN does
-    D(real); D(fake); D.backward(g_fake); D.backward(g_real)      # also correct
-
-A forward whose backward will never run must be done under `engine.no_grad()`, which
-saves nothing (BatchNorm in train mode still uses batch statistics and still updates
-its running averages, as torch does under `torch.no_grad()`). Leftover entries can be
-dropped with `clear_saved()`.
-
-Parameter gradients accumulate (`grad += ...`) across backward calls until
+Parameter gradients accumulate (`grad += ...`) across backward walks until
 `zero_grad()`, so D's real and fake passes add up exactly as they do in torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-_saving = [True]  # a one-element list so the flag can be flipped in place
+from dcgan.engine.graph import no_grad, record
 
-
-@contextlib.contextmanager
-def no_grad() -> Iterator[None]:
-    """Run forwards without saving anything for backward (and without torch's graph)."""
-    previous = _saving[0]
-    _saving[0] = False
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        _saving[0] = previous
-
-
-def is_saving() -> bool:
-    return _saving[0]
+__all__ = ["Module", "Parameter", "Sequential", "no_grad"]
 
 
 class Parameter:
@@ -65,7 +45,7 @@ class Parameter:
 
 
 def _without_torch_graph(fn):
-    """Wrap forward/backward in torch.no_grad(), so no engine op ever records a graph
+    """Wrap a forward in torch.no_grad(), so no engine op ever records a torch graph
     even when a caller hands in a tensor with requires_grad=True."""
 
     @functools.wraps(fn)
@@ -82,15 +62,14 @@ class Module:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in ("forward", "backward"):
-            if name in cls.__dict__:
-                setattr(cls, name, _without_torch_graph(cls.__dict__[name]))
+        # backward needs no wrapper: only the graph walk calls it, under torch.no_grad()
+        if "forward" in cls.__dict__:
+            cls.forward = _without_torch_graph(cls.__dict__["forward"])
 
     def __init__(self) -> None:
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_buffer_names", [])
-        object.__setattr__(self, "_saved", [])
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -112,29 +91,22 @@ class Module:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        """Gradient of the loss w.r.t. the input of the matching forward; parameter
-        gradients are added to `.grad`. input_grad=False skips the input gradient (as
-        torch does for inputs that do not require grad) and returns None."""
-        raise NotImplementedError
+    def backward(self, saved: tuple, grad_out: torch.Tensor,
+                 input_grad: bool = True) -> torch.Tensor | None:
+        """Gradient of the loss w.r.t. the input of the forward call that saved `saved`;
+        parameter gradients are added to `.grad`. input_grad=False skips the input
+        gradient (the input needs none: data, or made under no_grad()) and returns None.
+        Called by the graph walk (`engine.backward(output)`), not by hand."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no backward of its own: call "
+            "engine.backward(output) on what its forward returned")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def _push(self, *saved: Any) -> None:
-        if _saving[0]:
-            self._saved.append(saved)
-
-    def _pop(self) -> tuple:
-        if not self._saved:
-            raise RuntimeError(
-                f"{type(self).__name__}.backward called without a saved forward: call "
-                "forward (outside engine.no_grad()) before each backward")
-        return self._saved.pop()
-
-    def clear_saved(self) -> None:
-        for m in self.modules():
-            m._saved.clear()
+    def _record(self, y: torch.Tensor, x: torch.Tensor, *saved: Any) -> torch.Tensor:
+        """y carrying this call's node: `saved` for backward, x's node as the parent."""
+        return record(self, y, (x,), saved, trainable=bool(self._params))
 
     # ---- traversal ---------------------------------------------------------------
     def modules(self) -> Iterator[Module]:
@@ -231,8 +203,8 @@ class Module:
 
 
 class Sequential(Module):
-    """Children named "0", "1", ... (as torch.nn.Sequential); backward runs them in
-    reverse, each popping the entry its own forward pushed."""
+    """Children named "0", "1", ... (as torch.nn.Sequential). Only a forward: each child
+    records its own node, and the graph walk runs their backwards in reverse."""
 
     def __init__(self, *modules: Module):
         super().__init__()
@@ -249,11 +221,3 @@ class Sequential(Module):
         for m in self._children.values():
             x = m.forward(x)
         return x
-
-    def backward(self, grad_out: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
-        children = list(self._children.values())
-        g: torch.Tensor | None = grad_out
-        for i in range(len(children) - 1, -1, -1):
-            # only the first layer may skip its input gradient
-            g = children[i].backward(g, input_grad=input_grad if i == 0 else True)
-        return g
