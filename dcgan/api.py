@@ -52,14 +52,14 @@ class Run:
     @property
     def stats(self) -> list[dict[str, Any]]:
         """One dict per tick (`stats.jsonl`): kimg, losses, D outputs, img/s, ..."""
-        from dcgan.report import read_stats
+        from dcgan.runlog import read_stats
 
         return read_stats(self.files.stats)
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
         """One dict per evaluation (`metrics.jsonl`, with --eval-every): kimg, fid, kid."""
-        from dcgan.report import read_stats
+        from dcgan.runlog import read_stats
 
         return read_stats(self.files.metrics)
 
@@ -85,7 +85,7 @@ class Run:
     @property
     def status(self) -> str:
         """"running", "finished", "stopped" (resume it) or "not started"."""
-        from dcgan.page import read_run
+        from dcgan.report import read_run
 
         return read_run(self.path).status
 
@@ -98,7 +98,7 @@ class Run:
 
     def report(self, refresh: bool = False) -> Path:
         """The path of the run's `report.html`, (re)written when missing or refresh=True."""
-        from dcgan.page import build_report
+        from dcgan.report import build_report
 
         if refresh or not self.files.report.is_file():
             build_report(self.path)

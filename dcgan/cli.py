@@ -122,7 +122,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_data_info(args: argparse.Namespace) -> int:
     from dcgan.data import cache_root, load_images
-    from dcgan.report import save_grid
+    from dcgan.runlog import save_grid
 
     data = load_images(args.source, args.resolution, args.channels, split=args.split)
     n, c, r, _ = data.images.shape
@@ -235,7 +235,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dcgan.page import build_report
+    from dcgan.report import build_report
 
     path = build_report(args.run, args.out)
     print(f"wrote {path} (open it in a browser; it needs no network)")
@@ -243,7 +243,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dcgan.page import compare_runs
+    from dcgan.report import compare_runs
 
     path, table = compare_runs(args.runs, args.out)
     print(table)

@@ -32,8 +32,8 @@ import torch
 from dcgan import __version__, atomic, checkpoint, latent, pngs
 from dcgan.config import Config
 from dcgan.errors import UserError
-from dcgan.report import read_stats
 from dcgan.rundir import RunDir
+from dcgan.runlog import read_stats
 
 MODEL = "model.safetensors"
 CONFIG = "config.json"

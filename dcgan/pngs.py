@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dcgan import atomic, latent, report
+from dcgan import atomic, latent, runlog
 from dcgan.errors import UserError
 
 MAX_PENDING = 4  # batches encoded or waiting at once, per worker: bounds the memory held
@@ -50,7 +50,7 @@ def encode(image: np.ndarray) -> bytes:
 
 def grid_png(images: np.ndarray, nrow: int = 0) -> bytes:
     """uint8 images (N, C, R, R) -> the PNG bytes of `dcgan sample`'s grid of them."""
-    canvas = report.grid(images, nrow)  # (H, W, C)
+    canvas = runlog.grid(images, nrow)  # (H, W, C)
     return encode(canvas.transpose(2, 0, 1))
 
 

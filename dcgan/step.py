@@ -101,7 +101,7 @@ def with_noise(x: torch.Tensor, std: float) -> torch.Tensor:
 
 class Step(Protocol):
     """One iteration of Algorithm 1 on the networks it was built over: k D-updates,
-    then one G-update. Statistics go to `training_stats.report`; nothing returns,
+    then one G-update. Statistics go to `training_stats.record`; nothing returns,
     so nothing is read back to the host. The autograd step and the engine's share
     this interface: the loop, the bench and the calibration call either alike."""
 
@@ -219,9 +219,9 @@ class AutogradStep:
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
             self.d_updates += 1
-            training_stats.report("loss_d", loss_d)
-            training_stats.report("d_real", torch.sigmoid(logits_real.detach().float()).mean())
-            training_stats.report("d_fake", torch.sigmoid(logits_fake.detach().float()).mean())
+            training_stats.record("loss_d", loss_d)
+            training_stats.record("d_real", torch.sigmoid(logits_real.detach().float()).mean())
+            training_stats.record("d_fake", torch.sigmoid(logits_fake.detach().float()).mean())
         # (2) Update G: D's weights need no gradient here; freezing them skips their dW.
         self.D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
@@ -232,7 +232,7 @@ class AutogradStep:
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         self.D.requires_grad_(True)
-        training_stats.report("loss_g", loss_g)
+        training_stats.record("loss_g", loss_g)
 
 
 class EngineStep:
@@ -259,7 +259,7 @@ class EngineStep:
         out.update(self.sgan.g_step(z))  # (2) Update G
         self.d_updates += 1
         for name, value in out.items():
-            training_stats.report(name, value)
+            training_stats.record(name, value)
 
 
 def build_engine_gan(cfg: Config, nc: int, device: torch.device) -> GAN:

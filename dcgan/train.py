@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dcgan import atomic, calibrate, checkpoint, page, report, training_stats
+from dcgan import atomic, calibrate, checkpoint, report, runlog, training_stats
 from dcgan.config import Config, apply_overrides
 from dcgan.data import Batches, load_images
 from dcgan.dist import DistEnv, cleanup, injected_fault, setup, weights_in_sync
@@ -188,7 +188,7 @@ def trim_to(run: RunDir, rows: list[dict[str, Any]], nimg: int) -> list[dict[str
     kept = [r for r in rows if r["kimg"] * 1000 <= nimg]
     atomic.write_text(run.stats, "".join(json.dumps(r) + "\n" for r in kept))
     if run.metrics.exists():
-        m = [r for r in report.read_stats(run.metrics) if r["kimg"] * 1000 <= nimg]
+        m = [r for r in runlog.read_stats(run.metrics) if r["kimg"] * 1000 <= nimg]
         atomic.write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in m))
     return kept
 
@@ -196,7 +196,7 @@ def trim_to(run: RunDir, rows: list[dict[str, Any]], nimg: int) -> list[dict[str
 def write_report(run: RunDir) -> None:
     """RUN/report.html; a report that cannot be drawn costs a warning, never the run."""
     try:
-        page.build_report(run.path)
+        report.build_report(run.path)
     except (ImportError, UserError) as e:
         print(f"\nwarning: report.html not refreshed ({e})", file=sys.stderr)
 
@@ -254,7 +254,7 @@ def roll_back(run: RunDir, gan: GAN, batches: Batches, p: Progress, rows: list[d
     set_lr_factor(gan, cfg, factor)
     if env.is_main:
         rows = trim_to(run, rows, p.nimg)  # the ticks after the checkpoint replay
-        report.append_stats(run.events, {"event": "rollback", "at_kimg": bad_kimg,
+        runlog.append_stats(run.events, {"event": "rollback", "at_kimg": bad_kimg,
                                          "to_kimg": p.nimg / 1000, "lr_factor": factor,
                                          "time": time.time()})
         print(f"\nnon-finite values: rolled back to {p.nimg / 1000:.3f} kimg with "
@@ -286,7 +286,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
         if choice.how != "fixed":
             print(choice.line(), file=sys.stderr)
         run.config.write_text(cfg.to_json() + "\n")  # the resolved values
-        report.append_stats(run.events, {"event": "settings", **choice.as_dict(),
+        runlog.append_stats(run.events, {"event": "settings", **choice.as_dict(),
                                          "time": time.time()})
 
     # Networks, optimisers and the step; D's weights before any step (transfer's baseline).
@@ -297,7 +297,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
         checkpoint.save_state_dict(gan.D, run.d_init)
     tb = None
     if main:
-        page.save_machine(run.path)  # what the report shows as "the machine"
+        report.save_machine(run.path)  # what the report shows as "the machine"
         if t.tensorboard:
             tb = TensorBoardLog(run.path, cfg.to_dict())
 
@@ -318,7 +318,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     beta = ema_beta(cfg, t.batch * env.world_size)
     tick_nimg = t.tick_kimg * 1000
     z_fixed = fixed_latents(cfg, device)
-    rows = report.read_stats(run.stats) if main else []
+    rows = runlog.read_stats(run.stats) if main else []
     if resume is not None and main:  # drop lines written after the checkpoint (a crash)
         rows = trim_to(run, rows, p.nimg)
 
@@ -353,7 +353,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
             for warning in watch.collapse(means):
                 if main:
                     print(f"\nwarning: {warning}", file=sys.stderr)
-                    report.append_stats(run.events, {
+                    runlog.append_stats(run.events, {
                         "event": "warning", "kimg": p.nimg / 1000, "message": warning})
             dt = time.perf_counter() - tick_start
             row = {"tick": p.tick, "kimg": round(p.nimg / 1000, 3), **means,
@@ -363,14 +363,14 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                    "noise_std": instance_noise_std(cfg, p.nimg, total), "time": time.time()}
             if main:
                 # Log the tick, save the image snapshot and G_ema.
-                report.append_stats(run.stats, row)
+                runlog.append_stats(run.stats, row)
                 rows.append(row)
                 with torch.no_grad():
-                    fixed = report.to_uint8(gan.G_ema(z_fixed))  # (64, C, R, R)
-                report.save_grid(fixed, run.grid(p.nimg))
+                    fixed = runlog.to_uint8(gan.G_ema(z_fixed))  # (64, C, R, R)
+                runlog.save_grid(fixed, run.grid(p.nimg))
                 if tb is not None:
-                    tb.tick(p.nimg, row, report.grid(fixed))
-                report.plot_losses(rows, run.losses)
+                    tb.tick(p.nimg, row, runlog.grid(fixed))
+                runlog.plot_losses(rows, run.losses)
                 meta = snapshot_meta(cfg, nc, p.nimg)
                 checkpoint.save_generator(gan.G_ema, meta, run.snapshot)
 
@@ -383,7 +383,7 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
                     if best:
                         p.best_fid = scores["fid"]
                         checkpoint.save_generator(gan.G_ema, meta, run.best)
-                    report.append_stats(run.metrics, {
+                    runlog.append_stats(run.metrics, {
                         "kimg": row["kimg"], **scores, "best": best, "time": time.time()})
                     row["fid"] = scores["fid"]
                     if tb is not None:

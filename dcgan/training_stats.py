@@ -1,7 +1,7 @@
-"""Training statistics reported by name from anywhere in a step, reduced once per tick.
+"""Training statistics recorded by name from anywhere in a step, reduced once per tick.
 
-A step calls `report("loss_d", loss)` with a device scalar: it is added to a
-running sum on the device, so reporting costs no host synchronisation. The loop
+A step calls `record("loss_d", loss)` with a device scalar: it is added to a
+running sum on the device, so recording costs no host synchronisation. The loop
 calls `collect(env)` at the end of a tick: the mean of each name over its
 reports, averaged over ranks, read back to the host in one go. Steps therefore
 return nothing and thread no statistics dicts around.
@@ -17,7 +17,7 @@ _sums: dict[str, torch.Tensor] = {}
 _counts: dict[str, int] = {}
 
 
-def report(name: str, value: torch.Tensor) -> None:
+def record(name: str, value: torch.Tensor) -> None:
     """Add one observation of `name` (a 0-d tensor, any device and dtype)."""
     v = value.detach().float()
     if name in _sums:

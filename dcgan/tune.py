@@ -269,7 +269,7 @@ class TrialFailed(Exception):
 
 
 def _read_metrics(folder: Path) -> list[dict[str, Any]]:
-    from dcgan.report import read_stats
+    from dcgan.runlog import read_stats
 
     return read_stats(RunDir(folder).metrics)
 

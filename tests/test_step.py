@@ -23,8 +23,8 @@ def _gan(engine: str, ema_kimg: float = 0.016):
 def test_training_stats_are_means_per_name_and_reset():
     training_stats.reset()
     for v in (1.0, 2.0, 6.0):
-        training_stats.report("a", torch.tensor(v))
-    training_stats.report("b", torch.tensor(5.0, dtype=torch.bfloat16))
+        training_stats.record("a", torch.tensor(v))
+    training_stats.record("b", torch.tensor(5.0, dtype=torch.bfloat16))
     assert training_stats.collect() == {"a": 3.0, "b": 5.0}
     assert training_stats.collect() == {}  # collect starts the next tick
 

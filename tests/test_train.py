@@ -196,7 +196,7 @@ def _poison_after(monkeypatch, calls, what: str = "weights"):
                 with torch.no_grad():
                     next(self.G_train.parameters()).fill_(float("nan"))
             else:
-                training_stats.report("loss_d", torch.tensor(float("nan")))
+                training_stats.record("loss_d", torch.tensor(float("nan")))
 
     monkeypatch.setattr(AutogradStep, "__call__", call)
 

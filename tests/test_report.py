@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dcgan.config import from_preset
-from dcgan.page import build_report, compare_runs, read_run
+from dcgan.report import build_report, compare_runs, read_run
 from dcgan.rundir import RunDir
 from dcgan.train import prepare_run_dir, training_loop
 
