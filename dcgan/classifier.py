@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dcgan import atomic, checkpoint
 from dcgan.errors import UserError
-from dcgan.pixels import to_unit
+from dcgan.pixels import from_uint8
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or training recipe changes
 CLASSIFIER_INPUT = 32  # the network always sees 32x32: the sources are 28x28 at heart
@@ -112,7 +112,7 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
                 if step == steps:
                     break
                 idx = perm[i:i + batch]
-                _, logits = net(to_unit(x_train[idx]))
+                _, logits = net(from_uint8(x_train[idx]))
                 loss = F.cross_entropy(logits, y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -125,7 +125,7 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
     correct = 0
     with torch.no_grad():
         for i in range(0, test.images.shape[0], 1000):
-            _, logits = net(to_unit(torch.from_numpy(test.images[i:i + 1000])))
+            _, logits = net(from_uint8(torch.from_numpy(test.images[i:i + 1000])))
             correct += int((logits.argmax(1).numpy() == test.labels[i:i + 1000]).sum())
     record = {
         "source": source, "resolution": resolution, "channels": nc, "classes": classes,

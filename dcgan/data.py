@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dcgan import atomic, content
 from dcgan.config import RESOLUTIONS
 from dcgan.errors import UserError
-from dcgan.pixels import to_unit
+from dcgan.pixels import from_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SOURCES = ("fashion-mnist", "mnist", "emoji", "fake")
@@ -716,7 +716,7 @@ class Batches:
             self._order_epoch = self.epoch
         start = self.position * self.batch
         idx = self._order[start : start + self.batch]  # (B,)
-        x = to_unit(self.images.index_select(0, idx))  # (B, C, R, R) in [-1, 1]
+        x = from_uint8(self.images.index_select(0, idx))  # (B, C, R, R) in [-1, 1]
         if self.flip:
             # Mirror each image along W with probability 1/2 (no host sync: a device mask).
             mask = torch.rand(self.batch, device=self.device) < 0.5  # (B,)

@@ -37,10 +37,11 @@ from dcgan.classifier import (
     classifier_paths,
     train_classifier,
 )
+from dcgan.config import FEATURES  # the names; each is built below
 from dcgan.data import LABELLED
 from dcgan.errors import UserError
 from dcgan.inception import FidInception
-from dcgan.pixels import to_unit
+from dcgan.pixels import from_uint8
 
 # ----------------------------------------------------------------------------------------------
 # Common interface
@@ -305,13 +306,10 @@ class DomainExtractor(Extractor):
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_channels(images, self.nc)
-        return self.net(to_unit(images.to(self.device)))
+        return self.net(from_uint8(images.to(self.device)))
 
 
 # ----------------------------------------------------------------------------------------------
-
-FEATURES = ("inception", "domain")
-
 
 def get_extractor(name: str, source: str = "", resolution: int = 32, channels: int = 1,
                   device: str | torch.device = "cpu", cache_dir: str | Path = "",

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 
-def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (..., C, R, R) -> float32 in [-1, 1], on the input tensor's device."""
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
-        raise TypeError(f"to_unit takes uint8 images, got {x.dtype}")
+        raise TypeError(f"from_uint8 takes uint8 images, got {x.dtype}")
     return x.float().div_(127.5).sub_(1.0)  # a new float tensor: in place is safe
 
 

@@ -52,7 +52,7 @@ from dcgan.models import (
     build_generator,
     plain_weights,
 )
-from dcgan.pixels import to_unit
+from dcgan.pixels import from_uint8
 from dcgan.rundir import RunDir
 
 GRID = 4  # each layer's activations are max-pooled to GRID x GRID, as in the paper
@@ -108,7 +108,7 @@ def extract(d: Discriminator, images: np.ndarray, device: str | torch.device = "
     out = []
     for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress,
                   dynamic_ncols=True, leave=False):
-        x = to_unit(images[i:i + batch]).to(device)
+        x = from_uint8(images[i:i + batch]).to(device)
         out.append(d_features(d, x).float().cpu())
     return torch.cat(out)
 
@@ -224,7 +224,7 @@ def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarr
                 order, pos = torch.randperm(n), 0
             idx = order[pos:pos + b]
             pos += b
-            x = to_unit(x_all[idx]).to(device)
+            x = from_uint8(x_all[idx]).to(device)
             loss = F.cross_entropy(model(x), y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -249,7 +249,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor,
         m.momentum = None  # cumulative moving average over the pass
     model.train()
     for i in range(0, len(images), batch):
-        model(to_unit(images[i:i + batch]).to(device))
+        model(from_uint8(images[i:i + batch]).to(device))
     for m in bns:
         m.momentum = 0.1
 
@@ -261,7 +261,7 @@ def classify(model: SupervisedD, images: np.ndarray, device: str | torch.device 
     preds = []
     for i in tqdm(range(0, len(images), batch), desc="supervised D: test", unit="batch",
                   disable=not progress, dynamic_ncols=True, leave=False):
-        preds.append(model(to_unit(images[i:i + batch]).to(device)).argmax(1).cpu())
+        preds.append(model(from_uint8(images[i:i + batch]).to(device)).argmax(1).cpu())
     return torch.cat(preds).numpy()
 
 
@@ -381,7 +381,8 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
                                desc=f"{METHODS[name]}: train"),
                        extract(d, test.images, device, progress=progress,
                                desc=f"{METHODS[name]}: test"))
-    feats["pixels"] = (to_unit(train.images[used]).flatten(1), to_unit(test.images).flatten(1))
+    feats["pixels"] = (from_uint8(train.images[used]).flatten(1),
+                       from_uint8(test.images).flatten(1))
 
     rows = []
     # one tick per linear probe (len(L2_GRID) + 1 fits each) and per supervised model

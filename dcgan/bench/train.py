@@ -39,7 +39,7 @@ from dcgan.data import Batches
 from dcgan.errors import UserError
 from dcgan.machine import device_label
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
-from dcgan.pixels import to_unit
+from dcgan.pixels import from_uint8
 from dcgan.step import GAN, build_gan
 
 # ---------------------------------------------------------------- FLOPs
@@ -256,7 +256,7 @@ class HostBatches:
 
     def __next__(self) -> torch.Tensor:
         idx = torch.randint(0, self.images.shape[0], (self.batch,), generator=self.gen)
-        return to_unit(self.images[idx]).to(self.device)
+        return from_uint8(self.images[idx]).to(self.device)
 
 
 class DcganStep:
@@ -338,7 +338,7 @@ def build_step(name: str, kind: str, cfg: Config, images: np.ndarray, device: to
                                                  num_workers=2, drop_last=True,
                                                  persistent_workers=True)
         else:  # synthetic: tensors already decoded, as the example's fake data
-            x = to_unit(images)
+            x = from_uint8(images)
             loader = torch.utils.data.DataLoader(x, batch_size=b, shuffle=True, drop_last=True)
         return ReferenceStep(cfg, nc, device, loader)
     if name == "default":
