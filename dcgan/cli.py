@@ -172,8 +172,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from dcgan import calibrate, machine
-    from dcgan.data import LABELLED
     from dcgan.machine import resolve_device
+    from dcgan.sources import LABELLED
 
     facts = machine.facts()
     cfg = from_preset(args.preset, _overrides(args))

@@ -40,7 +40,6 @@ import torch
 from dcgan import __version__, atomic
 from dcgan import metric_registry as registry
 from dcgan.config import FEATURES
-from dcgan.data import LABELLED, SOURCES, SPLITS
 from dcgan.errors import UserError
 from dcgan.feature_cache import StatsKey, cached_reference
 from dcgan.features import (
@@ -53,6 +52,7 @@ from dcgan.features import (
 from dcgan.metric_registry import Features, Logits, Pair
 from dcgan.pixels import to_uint8
 from dcgan.rundir import SNAPSHOT, RunDir
+from dcgan.sources import LABELLED, SOURCES, SPLITS
 
 # generator forward passes (memory: batch * nc * R * R floats); latent.decode's, so the
 # samples are the very forward passes of `dcgan sample` and G.sample

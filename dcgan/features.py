@@ -38,10 +38,10 @@ from dcgan.classifier import (
     train_classifier,
 )
 from dcgan.config import FEATURES  # the names; each is built below
-from dcgan.data import LABELLED
 from dcgan.errors import UserError
 from dcgan.inception import FidInception
 from dcgan.pixels import from_uint8
+from dcgan.sources import LABELLED
 
 # ----------------------------------------------------------------------------------------------
 # Common interface

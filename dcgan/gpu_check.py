@@ -252,11 +252,12 @@ def has_data_on_flag() -> bool:
 def fashion_mnist_present() -> bool:
     """Whether the Fashion-MNIST test split is installed (`dcgan bench features` reads it);
     only looks for the files."""
-    from dcgan.data import _resolve
+    from dcgan.data import cache_root
     from dcgan.errors import UserError
+    from dcgan.sources import resolve
 
     try:
-        _resolve("fashion-mnist", "test", "")
+        resolve("fashion-mnist", "test", cache_root())
     except UserError:
         return False
     return True

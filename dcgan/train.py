@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from dcgan import atomic, calibrate, checkpoint, report, runlog, training_stats
 from dcgan.config import Config, apply_overrides
-from dcgan.data import Batches, load_images
+from dcgan.data import load_images
 from dcgan.dist import DistEnv, cleanup, injected_fault, setup, weights_in_sync
 from dcgan.errors import UserError
 from dcgan.machine import resolve_device
 from dcgan.rundir import RunDir
+from dcgan.sampler import Batches
 from dcgan.step import GAN, build_gan, ema_beta, instance_noise_std
 from dcgan.tblog import TensorBoardLog
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import data
-from dcgan.data import IMAGE_EXTENSIONS, Batches, ImageSet, load_images
+from dcgan import sources
+from dcgan.data import ImageSet, load_images
 from dcgan.errors import UserError
+from dcgan.sampler import Batches
+from dcgan.sources import IMAGE_EXTENSIONS
 
 LANCZOS = Image.Resampling.LANCZOS
 # Batches run on every device at hand: the CUDA path (pinned, non-blocking indices) too.
@@ -112,7 +114,7 @@ def test_resize_stack_equals_pillow_for_every_resolution() -> None:
         x = rng.integers(0, 256, (6, size, size), dtype=np.uint8)
         x[:3] = (x[:3] > 127) * 255  # hard edges: Lanczos overshoots and must clip
         for r in (32, 64, 128):
-            np.testing.assert_array_equal(data._resize_square_stack(x, r), pil_resize(x, r))
+            np.testing.assert_array_equal(sources._resize_square_stack(x, r), pil_resize(x, r))
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,7 @@ def test_mnist_from_cache_folder_and_missing_files(cache: Path, monkeypatch) -> 
     assert s.source == "mnist" and s.images.shape == (6, 1, 32, 32)
     np.testing.assert_array_equal(s.labels, sets["train"][1])
 
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", Path("/nonexistent/fashion-mnist"))
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist") as e:
         load_images("fashion-mnist", 32, progress=False)
     assert str(cache / "fashion-mnist") in str(e.value) and "--dataset PATH" in str(e.value)
@@ -166,8 +168,8 @@ def test_idx_folder_without_test_split(tmp_path: Path) -> None:
 
 
 def test_real_fashion_mnist(shared_cache: Path, monkeypatch) -> None:
-    if not (data.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"{data.FASHION_MNIST_SYSTEM_DIR} missing: "
+    if not (sources.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"{sources.FASHION_MNIST_SYSTEM_DIR} missing: "
                     "apt-get install dataset-fashion-mnist")
     monkeypatch.setenv("DCGAN_CACHE", str(shared_cache))
     t0 = time.perf_counter()
@@ -180,12 +182,13 @@ def test_real_fashion_mnist(shared_cache: Path, monkeypatch) -> None:
     assert test.images.shape == (10000, 1, 32, 32)
     assert np.bincount(test.labels).tolist() == [1000] * 10
     # The first training image resized independently from the raw file.
-    raw = gzip.decompress((data.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz")
+    raw = gzip.decompress((sources.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz")
                           .read_bytes())
     first = np.frombuffer(raw, np.uint8, count=28 * 28, offset=16).reshape(1, 28, 28)
     np.testing.assert_array_equal(train.images[0, 0], pil_resize(first, 32)[0])
     assert train.labels[0] == 9  # Fashion-MNIST's first training item is an ankle boot
-    assert len(list(shared_cache.glob("images-fashion-mnist-32px-1ch-*.npz"))) == 2
+    # named by the files' content digest: images-fashion-mnist-DIGEST-32px-1ch-SPLIT.npz
+    assert len(list(shared_cache.glob("images-fashion-mnist-*-32px-1ch-*.npz"))) == 2
 
 
 # ---- image folders -------------------------------------------------------------------------
@@ -399,8 +402,8 @@ def test_malicious_cifar_pickle_is_refused(tmp_path: Path) -> None:
 
 
 def test_emoji_render_and_cache(shared_cache: Path, monkeypatch) -> None:
-    if not data.EMOJI_FONT.is_file():
-        pytest.skip(f"{data.EMOJI_FONT} missing: apt-get install fonts-noto-color-emoji")
+    if not sources.EMOJI_FONT.is_file():
+        pytest.skip(f"{sources.EMOJI_FONT} missing: apt-get install fonts-noto-color-emoji")
     monkeypatch.setenv("DCGAN_CACHE", str(shared_cache))
     t0 = time.perf_counter()
     s = load_images("emoji", 64, progress=False)
@@ -421,13 +424,13 @@ def test_emoji_render_and_cache(shared_cache: Path, monkeypatch) -> None:
 
 def test_emoji_edges_composite_like_drawing_on_white() -> None:
     """Antialiased glyph edges over white must not darken (premultiplied canvas)."""
-    if not data.EMOJI_FONT.is_file():
-        pytest.skip(f"{data.EMOJI_FONT} missing: apt-get install fonts-noto-color-emoji")
+    if not sources.EMOJI_FONT.is_file():
+        pytest.skip(f"{sources.EMOJI_FONT} missing: apt-get install fonts-noto-color-emoji")
     from PIL import ImageDraw, ImageFont
 
     face = "\U0001f600"
-    got = data._render_emoji({face: {"status": 2}}, {"fully_qualified": 2}, 128, False)
-    font = ImageFont.truetype(str(data.EMOJI_FONT), data.EMOJI_FONT_SIZE)
+    got = sources._render_emoji({face: {"status": 2}}, {"fully_qualified": 2}, 128, False)
+    font = ImageFont.truetype(str(sources.EMOJI_FONT), sources.EMOJI_FONT_SIZE)
     alpha = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
     ImageDraw.Draw(alpha).text((0, 0), face, font=font, embedded_color=True)
     white = Image.new("RGB", (136, 128), (255, 255, 255))
@@ -455,7 +458,7 @@ def small_folder(root: Path, n: int = 5) -> Path:
 def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeypatch) -> None:
     folder = small_folder(tmp_path / "imgs")
     first = load_images(str(folder), 32, progress=False)
-    files = list(cache.iterdir())
+    files = list(cache.glob("images-*"))  # beside digests/, the content manifests
     assert len(files) == 1 and files[0].name.startswith("images-imgs-")
     assert files[0].name.endswith("-32px-3ch-train.npz")  # no temporary files left over
     with np.load(files[0], allow_pickle=False) as z:
@@ -466,7 +469,7 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
         raise AssertionError("decoded an image instead of reading the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(data, "_load_image_file", no_decoding)
+        m.setattr(sources, "_load_image_file", no_decoding)
         second = load_images(str(folder), 32, progress=False)
     np.testing.assert_array_equal(second.images, first.images)
 
@@ -483,7 +486,7 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
     changed = load_images(str(folder), 32, progress=False)
     assert changed.images.shape == (6, 3, 32, 32)
     np.testing.assert_array_equal(changed.images[:5], first.images)
-    files_now = list(cache.iterdir())
+    files_now = list(cache.glob("images-*"))
     assert len(files_now) == 1 and files_now[0] != files[0]  # stale version removed
 
 
@@ -493,7 +496,7 @@ def test_cache_keys_channels_and_labels(tmp_path: Path, cache: Path) -> None:
     load_images(str(folder), 32, progress=False)
     load_images(str(folder), 32, channels=3, progress=False)
     load_images(str(folder), 32, split="test", progress=False)
-    keys = {tuple(p.name.rsplit("-", 3)[1:]): p for p in cache.iterdir()}
+    keys = {tuple(p.name.rsplit("-", 3)[1:]): p for p in cache.glob("images-*")}
     assert sorted(keys) == [
         ("32px", "1ch", "test.npz"), ("32px", "1ch", "train.npz"), ("32px", "3ch", "train.npz")
     ]

@@ -260,7 +260,7 @@ def test_compiled_step_does_not_recompile_after_warm_up():
     import torch._dynamo
 
     from dcgan import training_stats
-    from dcgan.data import Batches
+    from dcgan.sampler import Batches
     from dcgan.step import build_gan
 
     torch._dynamo.reset()

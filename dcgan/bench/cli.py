@@ -138,7 +138,7 @@ def _csv(text: str, kind: type = str) -> tuple:
 
 def check_bench_args(args: argparse.Namespace) -> None:
     """Everything a bench needs, before anything is timed; then the note of an old flag."""
-    from dcgan import data
+    from dcgan import sources
 
     for flag, low in (("windows", 1), ("steps", 1), ("warmup", 0), ("denoise_epochs", 0)):
         value = getattr(args, flag, low)  # each subcommand has some of these
@@ -148,8 +148,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
         kinds = _csv(args.data)
         if set(kinds) - {"real", "synthetic"}:
             raise UserError(f"--data takes real and/or synthetic, got {args.data!r}")
-        if "real" in kinds and args.dataset == "emoji" and not Path(data.EMOJI_FONT).is_file():
-            raise UserError(f"the real-data rows need the emoji font {data.EMOJI_FONT}: "
+        if "real" in kinds and args.dataset == "emoji" and not Path(sources.EMOJI_FONT).is_file():
+            raise UserError(f"the real-data rows need the emoji font {sources.EMOJI_FONT}: "
                             "run `make data` (Debian fonts-noto-color-emoji) or pass --data "
                             "synthetic")
     if getattr(args, "bench_alias", ""):

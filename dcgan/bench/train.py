@@ -35,11 +35,11 @@ from tqdm import tqdm
 from dcgan import calibrate
 from dcgan.bench.timing import clock, in_turns, sync
 from dcgan.config import Config, from_preset
-from dcgan.data import Batches
 from dcgan.errors import UserError
 from dcgan.machine import device_label
 from dcgan.models import Discriminator, Generator, build_discriminator, build_generator
 from dcgan.pixels import from_uint8
+from dcgan.sampler import Batches
 from dcgan.step import GAN, build_gan
 
 # ---------------------------------------------------------------- FLOPs

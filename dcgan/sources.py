@@ -1,0 +1,505 @@
+"""Data sources: one decoder per kind, each turning its files into a uint8 array.
+
+Fashion-MNIST/MNIST IDX files, a folder of image files, CIFAR-10 python batches, emoji
+rendered from a colour font, and random "fake" images. `resolve(name_or_path)` finds
+the kind (a name, else the folder's content: IDX files, CIFAR batches, else images)
+and returns a `Source` whose `build(R, progress)` decodes every image at R x R and
+whose `slug` names its content (a digest of the files' bytes, `dcgan.content`), so the
+store (`dcgan.data`) can cache the array under a name that changes when the files do.
+
+Resizing is antialiased Lanczos everywhere (Pillow's LANCZOS), image by image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pathlib
+import pickle
+import re
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm import tqdm
+
+from dcgan import content
+from dcgan.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+SOURCES = ("fashion-mnist", "mnist", "emoji", "fake")
+SPLITS = ("train", "test")
+LABELLED = ("fashion-mnist", "mnist")  # the sources with class labels and a test split
+
+FASHION_MNIST_SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")  # Debian package
+EMOJI_FONT = pathlib.Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_FONT_SIZE = 109  # the one bitmap strike of Noto Color Emoji; other sizes fail to load
+FAKE_COUNT = 1024
+FAKE_SEED = 0
+
+_LANCZOS = Image.Resampling.LANCZOS
+
+
+# --------------------------------------------------------------------------------------
+# Sources. Each resolves to a Source whose `build(R, progress)` returns the source's own
+# channels already at R x R: (uint8 (N, C0, R, R), int64 (N,) labels or None, skipped).
+
+
+@dataclass
+class Source:
+    key: str  # ImageSet.source
+    slug: str  # identifies the source (and, for folders, its content) in cache file names
+    channels: int  # the source's own channel count C0
+    build: Callable[[int, bool], tuple[np.ndarray, np.ndarray | None, int]]
+    stale_glob: str = ""  # for folders: cache names of earlier versions of the same folder
+
+
+def _no_test_split(what: str) -> UserError:
+    return UserError(f"{what} has no test split: use split 'train'")
+
+
+def resolve(dataset: str, split: str, cache: pathlib.Path) -> Source:
+    """A source name or path -> its Source. `cache` is the cache root: it keeps the
+    content manifests and, for fashion-mnist/mnist, a folder where their IDX files may lie."""
+    name = dataset.strip()
+    if name in LABELLED:
+        return _named_idx_source(name, split, cache)
+    if name == "emoji":
+        return _emoji_source(split, cache)
+    if name == "fake":
+        return _fake_source(split)
+    path = pathlib.Path(name).expanduser()
+    if not name or not path.exists():
+        raise UserError(
+            f"unknown dataset {dataset!r}: expected one of {', '.join(SOURCES)} "
+            "or the path of an existing folder"
+        )
+    path = path.resolve()
+    if not path.is_dir():
+        raise UserError(
+            f"dataset {path} is a file: expected a folder of images, IDX files or "
+            "CIFAR-10 python batches"
+        )
+    if _has_idx(path):
+        found = _find_idx(path, split)
+        if found is None:
+            raise UserError(f"IDX folder {path} has no {_idx_names(split)}")
+        return _idx_source(str(path), _path_slug(path, found, cache), found)
+    cifar = _cifar_folder(path)
+    if cifar is not None:
+        return _cifar_source(path, cifar, split, cache)
+    return _folder_source(path, split, cache)
+
+
+def _path_slug(folder: pathlib.Path, files: list[pathlib.Path], cache: pathlib.Path) -> str:
+    """`<name>-<hash of the path>-<hash of the files' bytes>`: a changed folder gets a new
+    cache, also when a file is replaced by one of the same size and time."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name)[:40] or "root"
+    where = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+    return f"{name}-{where}-{content.digest_files(folder, files, cache)[:8]}"
+
+
+# ---- IDX (Fashion-MNIST, MNIST) ---------------------------------------------------------
+
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def _idx_names(split: str) -> str:
+    p = _IDX_PREFIX[split]
+    return f"{p}-images-idx3-ubyte[.gz] and {p}-labels-idx1-ubyte[.gz]"
+
+
+def _first_existing(folder: pathlib.Path, stems: list[str]) -> pathlib.Path | None:
+    for stem in stems:
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _find_idx(folder: pathlib.Path, split: str) -> list[pathlib.Path] | None:
+    """[images] or [images, labels] for `split` in `folder`; None without an images file."""
+    p = _IDX_PREFIX[split]
+    # Both spellings are in circulation: "train-images-idx3-ubyte" and "train-images.idx3-ubyte".
+    images = _first_existing(folder, [f"{p}-images-idx3-ubyte", f"{p}-images.idx3-ubyte"])
+    if images is None:
+        return None
+    labels = _first_existing(folder, [f"{p}-labels-idx1-ubyte", f"{p}-labels.idx1-ubyte"])
+    return [images] if labels is None else [images, labels]
+
+
+def _has_idx(folder: pathlib.Path) -> bool:
+    return any(_find_idx(folder, s) is not None for s in SPLITS)
+
+
+def _named_idx_source(name: str, split: str, cache: pathlib.Path) -> Source:
+    folders = [FASHION_MNIST_SYSTEM_DIR] if name == "fashion-mnist" else []
+    folders.append(cache / name)
+    for folder in folders:
+        found = _find_idx(folder, split)
+        if found is not None:
+            digest = content.digest_files(folder, found, cache)
+            return _idx_source(name, f"{name}-{digest[:8]}", found)
+    where = " or ".join(str(f) for f in folders)
+    install = (
+        "install them with `apt-get install dataset-fashion-mnist`, "
+        if name == "fashion-mnist" else ""
+    )
+    raise UserError(
+        f"{name} {split} files ({_idx_names(split)}) not found in {where}: {install}"
+        f"put the IDX files in {folders[-1]}, or pass --dataset PATH to a folder holding them"
+    )
+
+
+def _read_idx(path: pathlib.Path, ndim: int) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped) of unsigned bytes with `ndim` dimensions.
+
+    Header: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then each
+    dimension as a big-endian uint32; the data follows in C order.
+    """
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise UserError(f"IDX file {path} is not a valid gzip file ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != ndim:
+        raise UserError(
+            f"IDX file {path} has a malformed header: expected 00 00 08 {ndim:02x} "
+            f"(unsigned bytes, {ndim} dimensions), got {raw[:4].hex(' ') or 'nothing'}"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"IDX file {path} is truncated inside its header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != int(np.prod(dims)):
+        raise UserError(
+            f"IDX file {path} holds {len(raw) - header} data bytes but its header "
+            f"{'x'.join(map(str, dims))} needs {int(np.prod(dims))}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_source(key: str, slug: str, files: list[pathlib.Path]) -> Source:
+    def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+        images = _read_idx(files[0], 3)  # (N, H, W)
+        labels = None
+        if len(files) > 1:
+            labels = _read_idx(files[1], 1).astype(np.int64)  # (N,)
+            if len(labels) != len(images):
+                raise UserError(
+                    f"IDX labels {files[1]} has {len(labels)} entries for "
+                    f"{len(images)} images in {files[0]}"
+                )
+        if images.shape[0] == 0:
+            raise UserError(f"IDX file {files[0]} holds no images")
+        if images.shape[1] != images.shape[2]:
+            raise UserError(f"IDX images in {files[0]} are not square: {images.shape[1:]}")
+        return _resize_square_stack(images, resolution)[:, None], labels, 0  # (N, 1, R, R)
+
+    stale = ""
+    if pathlib.Path(key).is_absolute():
+        stale = slug.rsplit("-", 1)[0] + "-*"
+    return Source(key, slug, 1, build, stale)
+
+
+# ---- CIFAR-10 python batches -------------------------------------------------------------
+
+# What a CIFAR-10 batch pickle may name: numpy's array reconstruction (and how Python 3
+# spells bytes in protocol 2), nothing else.
+# A pickle names any importable callable and calls it on load, so everything else is refused.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): ("numpy._core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    # Python 3 writing protocol 2 stores bytes as _codecs.encode(str, "latin1").
+    ("_codecs", "encode"): ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, path: pathlib.Path) -> None:
+        # encoding="bytes": the official batches were pickled by Python 2 (keys are bytes).
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        target = _PICKLE_ALLOWED.get((module, name))
+        if target is None:
+            raise UserError(
+                f"CIFAR batch {self.path} refers to {module}.{name}, which a CIFAR-10 batch "
+                "never needs: refusing to load it (pickles can run code)"
+            )
+        # numpy 2 keeps numpy.core only as a deprecated alias: load from numpy._core.
+        return super().find_class(*target)
+
+
+def _cifar_folder(path: pathlib.Path) -> pathlib.Path | None:
+    """The folder holding data_batch_* / test_batch: `path` or its cifar-10-batches-py."""
+    for folder in (path, path / "cifar-10-batches-py"):
+        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
+            return folder
+    return None
+
+
+def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch -> (uint8 (n, 3, 32, 32), int64 (n,))."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, path).load()
+    except UserError:
+        raise
+    except Exception as e:  # any unpickling failure means a damaged file
+        raise UserError(f"CIFAR batch {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict):
+        raise UserError(f"CIFAR batch {path} is not a dict of data and labels")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
+        data.shape[1] != 3 * 32 * 32
+    ):
+        raise UserError(f"CIFAR batch {path}: expected 'data' as a uint8 array of shape (N, 3072)")
+    if labels is None or len(labels) != len(data):
+        raise UserError(f"CIFAR batch {path}: expected 'labels' with one entry per image")
+    # Each row is the R plane, then G, then B, each 32x32 in row-major order.
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def _cifar_source(path: pathlib.Path, folder: pathlib.Path, split: str, cache: pathlib.Path
+                  ) -> Source:
+    if split == "train":
+        numbered = [f for f in folder.glob("data_batch_*") if f.name[11:].isdigit()]
+        files = sorted(numbered, key=lambda f: int(f.name[11:]))  # data_batch_1, _2, ... _10
+    else:
+        files = [folder / "test_batch"] if (folder / "test_batch").is_file() else []
+    if not files:
+        want = "data_batch_1..5" if split == "train" else "test_batch"
+        raise UserError(f"CIFAR-10 folder {folder} has no {want} for split {split!r}")
+
+    def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+        parts = [_read_cifar_batch(f) for f in files]
+        images = np.concatenate([p[0] for p in parts])  # (N, 3, 32, 32)
+        labels = np.concatenate([p[1] for p in parts])  # (N,)
+        n = len(images)
+        # Channels are independent under resampling: resize the N*3 planes as one stack.
+        planes = _resize_square_stack(images.reshape(n * 3, 32, 32), resolution)
+        return planes.reshape(n, 3, resolution, resolution), labels, 0
+
+    slug = _path_slug(path, files, cache)
+    return Source(str(path), slug, 3, build, slug.rsplit("-", 1)[0] + "-*")
+
+
+# ---- a folder of image files ------------------------------------------------------------
+
+
+def _list_images(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Image files under `folder`, recursively, sorted by relative path.
+
+    Hidden files and folders are skipped (macOS "._x.jpg" resource forks look like images
+    and are not). Symlinked folders are followed once each.
+    """
+    found = []
+    seen_dirs = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:  # a symlink loop, or the same folder linked twice
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(pathlib.Path(root, f))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited on white."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # 16-bit or float greyscale: Pillow's convert would clip, not scale.
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode != "F" and a.max() > 255:
+            a = a / 257.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _load_image_file(path: pathlib.Path, resolution: int) -> np.ndarray:
+    """One image file -> uint8 (3, R, R). Raises whatever Pillow raises for a bad file."""
+    with Image.open(path) as im:
+        # JPEG only: let the decoder scale by 1/2..1/8 while both sides stay >= 2R, which
+        # makes big photos several times cheaper to decode and leaves the final resize the
+        # job of antialiasing. Other formats ignore it.
+        im.draft("RGB", (2 * resolution, 2 * resolution))
+        im.load()  # decode now (first frame of a GIF), so a truncated file fails here
+        im = ImageOps.exif_transpose(im)  # photos from phones store their rotation in EXIF
+        rgb = _to_rgb(im)
+    w, h = rgb.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    # Centre square, then Lanczos (antialiased). reducing_gap=3 first shrinks big images by
+    # an integer box filter to >= 3x the target, then Lanczos: Pillow documents the result
+    # as indistinguishable from a full Lanczos, at a fraction of the cost for photos.
+    out = rgb.resize(
+        (resolution, resolution), _LANCZOS, box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )
+    return np.asarray(out).transpose(2, 0, 1)  # (H, W, 3) -> (3, R, R)
+
+
+def _folder_source(folder: pathlib.Path, split: str, cache: pathlib.Path) -> Source:
+    if split != "train":
+        raise _no_test_split(f"image folder {folder}")
+    files = _list_images(folder)
+    if not files:
+        raise UserError(
+            f"no images found under {folder}: expected files ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)} (any case, in any sub-folder)"
+        )
+
+    def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+        out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
+        good = np.zeros(len(files), dtype=bool)
+        first_bad: tuple[pathlib.Path, str] | None = None
+        bar = tqdm(files, desc=f"images {folder.name}", unit="img", file=sys.stderr,
+                   disable=not progress)
+        for i, f in enumerate(bar):
+            try:
+                out[i] = _load_image_file(f, resolution)
+                good[i] = True
+            except Exception as e:  # decoders raise many types for bad files
+                if first_bad is None:
+                    first_bad = (f, f"{type(e).__name__}: {e}")
+        skipped = int((~good).sum())
+        if skipped == len(files):
+            raise UserError(
+                f"none of the {len(files)} image files under {folder} could be read "
+                f"(first: {first_bad[0]}: {first_bad[1]})"
+            )
+        if first_bad is not None:
+            print(
+                f"warning: skipped {skipped} unreadable image file(s) under {folder} "
+                f"(first: {first_bad[0]}: {first_bad[1]})",
+                file=sys.stderr,
+            )
+        return out[good], None, skipped
+
+    slug = _path_slug(folder, files, cache)
+    return Source(str(folder), slug, 3, build, slug.rsplit("-", 1)[0] + "-*")
+
+
+# ---- emoji ------------------------------------------------------------------------------
+
+
+def _emoji_source(split: str, cache: pathlib.Path) -> Source:
+    if split != "train":
+        raise _no_test_split("emoji")
+    if not EMOJI_FONT.is_file():
+        raise UserError(
+            f"emoji font {EMOJI_FONT} not found: install it with "
+            "`apt-get install fonts-noto-color-emoji`"
+        )
+    import emoji as emoji_lib  # a dependency of dcgan; imported here as only this source needs it
+
+    # The emoji list and the font both decide the images: a new version of either rebuilds.
+    font = content.digest_files(EMOJI_FONT.parent, [EMOJI_FONT], cache)
+    version = f"{emoji_lib.__version__}|{font}"
+    slug = "emoji-" + hashlib.sha1(version.encode()).hexdigest()[:8]
+
+    def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+        return _render_emoji(emoji_lib.EMOJI_DATA, emoji_lib.STATUS, resolution, progress), None, 0
+
+    return Source("emoji", slug, 3, build)
+
+
+def _render_emoji(table: dict, status: dict, resolution: int, progress: bool) -> np.ndarray:
+    """Render each distinct emoji glyph -> uint8 (N, 3, R, R), glyph centred on white.
+
+    Each sequence is drawn on a transparent canvas, cropped to its visible pixels (alpha),
+    composited on white, padded to a square and resized.
+    """
+    font = ImageFont.truetype(str(EMOJI_FONT), EMOJI_FONT_SIZE)
+    _, _, one_wide, one_high = font.getbbox("\U0001f600", mode="RGBA")  # one glyph: 136 x 128
+    # Minimally-qualified and unqualified variants (no U+FE0F) draw the same glyph as the
+    # fully-qualified one (checked: no distinct render lost), so only those are drawn.
+    wanted = status["fully_qualified"]
+    sequences = sorted(s for s, d in table.items() if d.get("status", wanted) <= wanted)
+    # One transparent canvas, cleared per glyph, wide enough to see a sequence that the
+    # font lacks fall apart into several glyphs side by side.
+    canvas = Image.new("RGBA", (3 * one_wide, 2 * one_high), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    seen: set[bytes] = set()
+    out = []
+    for seq in tqdm(sequences, desc="emoji", unit="glyph", file=sys.stderr, disable=not progress):
+        canvas.paste((0, 0, 0, 0), (0, 0, *canvas.size))
+        draw.text((0, 0), seq, font=font, embedded_color=True)
+        box = canvas.getbbox()  # of the alpha band: the visible glyph
+        if box is None:
+            continue  # no glyph, or a blank one
+        if box[2] - box[0] > 1.5 * one_wide:
+            continue  # fell apart into several glyphs: the font has no such sequence
+        glyph = canvas.crop(box)
+        digest = hashlib.sha1(glyph.tobytes() + repr(glyph.size).encode()).digest()
+        if digest in seen:
+            continue  # e.g. skin-tone variants the font draws like the base emoji
+        seen.add(digest)
+        # Composite on white. ImageDraw pastes a colour glyph through its own alpha, so
+        # the canvas holds colour * alpha (premultiplied) beside alpha: over white that is
+        # rgb + (255 - alpha), the same bytes as drawing straight onto white. (Treating
+        # it as straight alpha would darken every antialiased edge.)
+        rgba = np.asarray(glyph, dtype=np.int16)  # (h, w, 4)
+        rgb = np.clip(rgba[..., :3] + (255 - rgba[..., 3:]), 0, 255).astype(np.uint8)
+        # Pad to a centred white square, then Lanczos down to R.
+        h, w = rgb.shape[:2]
+        side = max(w, h)
+        square = np.full((side, side, 3), 255, dtype=np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top : top + h, left : left + w] = rgb
+        small = Image.fromarray(square).resize((resolution, resolution), _LANCZOS)
+        out.append(np.asarray(small).transpose(2, 0, 1))  # (3, R, R)
+    if not out:
+        raise UserError(f"emoji font {EMOJI_FONT} drew no glyphs")
+    return np.stack(out)
+
+
+# ---- fake -------------------------------------------------------------------------------
+
+
+def _fake_source(split: str) -> Source:
+    if split != "train":
+        raise _no_test_split("fake")
+
+    def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+        rng = np.random.default_rng(FAKE_SEED)
+        shape = (FAKE_COUNT, 3, resolution, resolution)
+        return rng.integers(0, 256, size=shape, dtype=np.uint8), None, 0
+
+    return Source("fake", "fake", 3, build)
+
+
+# --------------------------------------------------------------------------------------
+# Pixels.
+
+def _resize_square_stack(images: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 (N, S, S) -> uint8 (N, R, R): Pillow's LANCZOS (antialiased when shrinking),
+    image by image, the same call as for folders and emoji."""
+    n, h, w = images.shape
+    if h == resolution and w == resolution:
+        return np.ascontiguousarray(images)
+    out = np.empty((n, resolution, resolution), dtype=np.uint8)
+    for i in range(n):
+        out[i] = np.asarray(Image.fromarray(images[i]).resize((resolution, resolution),
+                                                              Image.Resampling.LANCZOS))
+    return out
