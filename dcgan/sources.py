@@ -67,33 +67,24 @@ def resolve(dataset: str, split: str, cache: pathlib.Path) -> Source:
     """A source name or path -> its Source. `cache` is the cache root: it keeps the
     content manifests and, for fashion-mnist/mnist, a folder where their IDX files may lie."""
     name = dataset.strip()
-    if name in LABELLED:
-        return _named_idx_source(name, split, cache)
-    if name == "emoji":
-        return _emoji_source(split, cache)
-    if name == "fake":
-        return _fake_source(split)
+    if name in NAMED:
+        return NAMED[name](split, cache)
     path = pathlib.Path(name).expanduser()
     if not name or not path.exists():
         raise UserError(
-            f"unknown dataset {dataset!r}: expected one of {', '.join(SOURCES)} "
+            f"unknown dataset {dataset!r}: expected one of {', '.join(NAMED)} "
             "or the path of an existing folder"
         )
     path = path.resolve()
     if not path.is_dir():
         raise UserError(
-            f"dataset {path} is a file: expected a folder of images, IDX files or "
-            "CIFAR-10 python batches"
+            f"dataset {path} is a file: expected a folder of "
+            f"{', '.join(kind for kind, _, _ in FOLDER_KINDS)}"
         )
-    if _has_idx(path):
-        found = _find_idx(path, split)
-        if found is None:
-            raise UserError(f"IDX folder {path} has no {_idx_names(split)}")
-        return _idx_source(str(path), _path_slug(path, found, cache), found)
-    cifar = _cifar_folder(path)
-    if cifar is not None:
-        return _cifar_source(path, cifar, split, cache)
-    return _folder_source(path, split, cache)
+    for _kind, claims, build in FOLDER_KINDS:
+        if claims(path):
+            return build(path, split, cache)
+    raise AssertionError("the last folder kind claims every folder")
 
 
 def _path_slug(folder: pathlib.Path, files: list[pathlib.Path], cache: pathlib.Path) -> str:
@@ -503,3 +494,35 @@ def _resize_square_stack(images: np.ndarray, resolution: int) -> np.ndarray:
         out[i] = np.asarray(Image.fromarray(images[i]).resize((resolution, resolution),
                                                               Image.Resampling.LANCZOS))
     return out
+
+
+# ---- the registry: what resolve() consults ----------------------------------------------
+
+
+def _idx_folder_source(path: pathlib.Path, split: str, cache: pathlib.Path) -> Source:
+    found = _find_idx(path, split)
+    if found is None:
+        raise UserError(f"IDX folder {path} has no {_idx_names(split)}")
+    return _idx_source(str(path), _path_slug(path, found, cache), found)
+
+
+def _cifar_folder_source(path: pathlib.Path, split: str, cache: pathlib.Path) -> Source:
+    return _cifar_source(path, _cifar_folder(path), split, cache)
+
+
+# A source by name: name -> Source(split, cache root).
+NAMED: dict[str, Callable[[str, pathlib.Path], Source]] = {
+    "fashion-mnist": lambda split, cache: _named_idx_source("fashion-mnist", split, cache),
+    "mnist": lambda split, cache: _named_idx_source("mnist", split, cache),
+    "emoji": _emoji_source,
+    "fake": lambda split, cache: _fake_source(split),
+}
+# A folder's kind, decided by its content, first match wins: (what it holds, claims, build).
+FOLDER_KINDS: tuple[tuple[str, Callable[[pathlib.Path], bool],
+                          Callable[[pathlib.Path, str, pathlib.Path], Source]], ...] = (
+    ("IDX files", _has_idx, _idx_folder_source),
+    ("CIFAR-10 python batches", lambda path: _cifar_folder(path) is not None,
+     _cifar_folder_source),
+    ("image files", lambda path: True, _folder_source),
+)
+assert tuple(NAMED) == SOURCES  # the names the CLI and the config check against

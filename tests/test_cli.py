@@ -161,4 +161,5 @@ def test_a_snapshot_with_the_wrong_keys_or_metadata_is_one_line(tmp_path, capsys
     no_nz = tmp_path / "no-nz.safetensors"
     save_file({"w": torch.zeros(2)}, no_nz, metadata={"dcgan": json_.dumps(
         {k: v for k, v in meta.items() if k != "nz"})})
-    _one_line(["sample", no_nz, "--out", tmp_path / "s.png"], capsys, "missing metadata 'nz'")
+    _one_line(["sample", no_nz, "--out", tmp_path / "s.png"], capsys,
+              "metadata nz must be a positive integer")

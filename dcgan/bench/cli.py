@@ -103,7 +103,7 @@ def add_parser(sub: Any, device_help: str) -> argparse.ArgumentParser:
     g = mode("generator", "generator-only images/s (eager, compiled, exported)",
              "Inference images/s of G: eager, torch.compile, TorchScript and ONNX Runtime.")
     g.add_argument("--run", help="a run folder (default: the canonical 64px G)")
-    g.add_argument("--batch", "--gen-batch", dest="gen_batch", default="1,256",
+    g.add_argument("--batch", "--gen-batch", dest="gen_batch", default="1,256", metavar="BATCH",
                    help="comma-separated batch sizes (--gen-batch: the old spelling)")
     g.add_argument("--json", help="write rows as JSON")
     g.add_argument("--quiet", action="store_true")
