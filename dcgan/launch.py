@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcgan import atomic, memory
+from dcgan import memory
 from dcgan.config import Config, apply_overrides, from_preset, load_json
 from dcgan.errors import UserError
 
@@ -102,14 +102,13 @@ def plan(preset: str = "fmnist32", overrides: Mapping[str, Any] | None = None, *
 def execute(p: Plan, progress: bool = True) -> dict[str, Any]:
     """Train the plan in its folder; returns the last tick's stats (`stopped`: Ctrl-C)."""
     from dcgan.rundir import RunDir, locked
-    from dcgan.train import prepare_run_dir, training_loop
+    from dcgan.train import training_loop
 
     # one writer per run folder (under torchrun, rank 0 writes and holds the lock)
     lock = locked(p.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
-        if p.state is None:
-            prepare_run_dir(p.out, p.cfg, p.force)
-        else:
-            atomic.write_text(RunDir(p.out).config, p.cfg.to_json() + "\n")
+        run = RunDir(p.out)
+        if p.state is None and os.environ.get("RANK", "0") == "0":
+            run.begin(p.force)  # the loop writes the resolved config.json into it
         print(f"run folder: {p.out}", file=sys.stderr)
-        return training_loop(p.cfg, p.out, resume=p.state, progress=progress)
+        return training_loop(p.cfg, run, resume=p.state, progress=progress)

@@ -316,9 +316,3 @@ def compare_runs(run_dirs: list[str], out: str | Path) -> tuple[Path, str]:
     atomic.write_text(path, _page("dcgan compare", body, _charts(runs)))
     return path, "\n".join(lines)
 
-
-def save_machine(run_dir: Path) -> None:
-    from dcgan.machine import facts
-
-    atomic.write_text(RunDir(run_dir).machine, json.dumps(facts(), indent=1) + "\n")
-

@@ -16,14 +16,17 @@ the second is refused in one line. A lock left by a process that died
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from dcgan import atomic, runlog
 from dcgan.config import Config, load_json
 from dcgan.errors import UserError
 
@@ -73,6 +76,43 @@ class RunDir:
         if not self.config.is_file():
             raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
         return load_json(str(self.config))
+
+    def begin(self, force: bool) -> None:
+        """Make this a fresh run folder; refuse to mix two runs unless force.
+
+        A folder whose earlier attempt stopped before its first checkpoint holds nothing
+        that could be continued, so it is cleared and started again without force
+        (under torchrun --max-restarts the relaunch of such a run lands here)."""
+        if self.stats.exists() or self.checkpoint.exists():
+            if not force and self.checkpoint.exists():
+                raise UserError(f"{self.path} already holds a run; use --resume {self.path} to "
+                                "continue it or --force to start over")
+            self.clear()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: Config) -> None:
+        """config.json: the resolved config (auto choices and channels filled in), written
+        by the loop once it knows them, on a fresh start and on a resume alike."""
+        atomic.write_text(self.config, cfg.to_json() + "\n")
+
+    def save_machine(self) -> None:
+        """machine.json: what `dcgan info` says of this machine (the report shows it)."""
+        from dcgan.machine import facts
+
+        atomic.write_text(self.machine, json.dumps(facts(), indent=1) + "\n")
+
+    def trim(self, nimg: int) -> list[dict[str, Any]]:
+        """Keep the stats and metrics lines up to nimg (a checkpoint's): the lines written
+        after it (before a crash or a rollback) will be written again. Returns the stats
+        rows kept."""
+        def keep(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+            rows = [r for r in runlog.read_stats(path, fields) if r["kimg"] * 1000 <= nimg]
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+            return rows
+
+        if self.metrics.exists():
+            keep(self.metrics, runlog.METRICS_FIELDS)
+        return keep(self.stats, runlog.STATS_FIELDS)
 
     def clear(self) -> None:
         """Remove what a run wrote (--force, or an attempt without a checkpoint)."""

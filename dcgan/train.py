@@ -11,7 +11,6 @@ and refreshes `report.html`. Every file name is the run folder's (`RunDir`).
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import signal
@@ -23,9 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dcgan import atomic, calibrate, checkpoint, report, runlog, training_stats
+from dcgan import calibrate, checkpoint, report, runlog, training_stats
 from dcgan.config import Config, apply_overrides
-from dcgan.data import load_images
+from dcgan.data import ImageSet, load_images
 from dcgan.dist import DistEnv, cleanup, injected_fault, setup, weights_in_sync
 from dcgan.errors import UserError
 from dcgan.machine import resolve_device
@@ -139,42 +138,37 @@ class Watch:
         return found
 
 
-def prepare_run_dir(out: Path, cfg: Config, force: bool) -> None:
-    """A fresh run folder; refuse to mix two runs unless --force.
+class Progress:
+    """Where the run is: images shown, ticks, rollbacks and the best FID so far."""
 
-    A folder whose earlier attempt stopped before its first checkpoint holds nothing
-    that could be continued, so it is cleared and started again without --force
-    (under torchrun --max-restarts the relaunch of such a run lands here)."""
-    run = RunDir(out)
-    if run.stats.exists() or run.checkpoint.exists():
-        if not force and run.checkpoint.exists():
-            raise UserError(f"{out} already holds a run; use --resume {out} to continue it "
-                            "or --force to start over")
-        run.clear()
-    out.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(cfg.to_json() + "\n")
+    def __init__(self, resume: dict[str, Any] | None) -> None:
+        resume = resume or {}
+        self.nimg, self.tick = resume.get("nimg", 0), resume.get("tick", 0)
+        self.rollbacks = resume.get("rollbacks", 0)
+        self.best_fid = resume.get("best_fid", float("inf"))
 
 
-def restore(gan: GAN, batches: Batches, resume: dict[str, Any], env: DistEnv,
-            device: torch.device) -> tuple[int, int]:
-    """Load a checkpoint into fresh objects; returns (nimg, tick).
+def restore(gan: GAN, batches: Batches, state: dict[str, Any], env: DistEnv,
+            device: torch.device) -> Progress:
+    """Load a checkpoint into fresh objects; returns where it was (the one reading of a
+    checkpoint's progress).
 
     In one process the RNG streams are restored too, so the continuation is
     bit-identical to an uninterrupted run. Under torchrun each rank reseeds from
     (seed, nimg, rank) instead, which also lets the process count change."""
-    gan.load_state_dict(resume)
-    nimg, tick = resume["nimg"], resume["tick"]
-    if resume.get("world_size", 1) == env.world_size:
-        batches.load_state_dict(resume["batches"])
+    gan.load_state_dict(state)
+    p = Progress(state)
+    if state.get("world_size", 1) == env.world_size:
+        batches.load_state_dict(state["batches"])
     else:  # shards differ: start the interrupted epoch's new shards from their beginning
-        batches.load_state_dict({"epoch": resume["batches"]["epoch"], "position": 0})
+        batches.load_state_dict({"epoch": state["batches"]["epoch"], "position": 0})
     if env.enabled:
-        torch.manual_seed(resume["config"]["train"]["seed"] + 1_000_003 * env.rank + nimg)
+        torch.manual_seed(state["config"]["train"]["seed"] + 1_000_003 * env.rank + p.nimg)
     else:
-        torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in resume:
-            torch.cuda.set_rng_state(resume["rng_cuda"], device)
-    return nimg, tick
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return p
 
 
 def set_lr_factor(gan: GAN, cfg: Config, factor: float) -> None:
@@ -182,16 +176,6 @@ def set_lr_factor(gan: GAN, cfg: Config, factor: float) -> None:
     for opt, lr in ((gan.opt_g, cfg.train.g_lr), (gan.opt_d, cfg.train.d_lr)):
         for group in opt.param_groups:
             group["lr"] = lr * factor
-
-
-def trim_to(run: RunDir, rows: list[dict[str, Any]], nimg: int) -> list[dict[str, Any]]:
-    """Keep the stats and metrics lines up to nimg (a checkpoint's); rewrite both files."""
-    kept = [r for r in rows if r["kimg"] * 1000 <= nimg]
-    atomic.write_text(run.stats, "".join(json.dumps(r) + "\n" for r in kept))
-    if run.metrics.exists():
-        m = [r for r in runlog.read_stats(run.metrics) if r["kimg"] * 1000 <= nimg]
-        atomic.write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in m))
-    return kept
 
 
 def write_report(run: RunDir) -> None:
@@ -215,16 +199,6 @@ def resolve_auto(cfg: Config, nc: int, device: torch.device,
     return choice
 
 
-class Progress:
-    """Where the run is: images shown, ticks, rollbacks and the best FID so far."""
-
-    def __init__(self, resume: dict[str, Any] | None) -> None:
-        resume = resume or {}
-        self.nimg, self.tick = resume.get("nimg", 0), resume.get("tick", 0)
-        self.rollbacks = resume.get("rollbacks", 0)
-        self.best_fid = resume.get("best_fid", float("inf"))
-
-
 def training_state(gan: GAN, batches: Batches, p: Progress, cfg: Config, env: DistEnv,
                    device: torch.device) -> dict[str, Any]:
     """Everything resume needs: weights, optimisers, scalers, data order, RNG streams."""
@@ -236,9 +210,10 @@ def training_state(gan: GAN, batches: Batches, p: Progress, cfg: Config, env: Di
     return s
 
 
-def roll_back(run: RunDir, gan: GAN, batches: Batches, p: Progress, rows: list[dict[str, Any]],
-              cfg: Config, env: DistEnv, device: torch.device) -> list[dict[str, Any]]:
+def roll_back(run: RunDir, gan: GAN, batches: Batches, p: Progress, cfg: Config,
+              env: DistEnv, device: torch.device) -> tuple[Progress, list[dict[str, Any]]]:
     """Non-finite values: back to the last checkpoint with halved learning rates, or stop.
+    Returns the restored progress and the stats rows kept (rank 0; others get []).
 
     Nothing of the bad tick was written, so the last checkpoint is the last good one."""
     where = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint.exists()
@@ -246,49 +221,97 @@ def roll_back(run: RunDir, gan: GAN, batches: Batches, p: Progress, rows: list[d
     if cfg.train.on_nan == "stop" or p.rollbacks >= MAX_ROLLBACKS or not run.checkpoint.exists():
         raise UserError(f"non-finite loss or weights at {p.nimg / 1000:.3f} kimg "
                         f"(tick {p.tick}); training stopped; {where}")
-    p.rollbacks += 1
     bad_kimg = p.nimg / 1000
-    p.nimg, p.tick = restore(gan, batches, checkpoint.load_state(run.checkpoint), env, device)
+    restored = restore(gan, batches, checkpoint.load_state(run.checkpoint), env, device)
+    restored.rollbacks = p.rollbacks + 1
     # from the configured rates, not the loaded ones: a checkpoint written after an
     # earlier rollback already holds a halved rate
-    factor = 0.5 ** p.rollbacks
+    factor = 0.5 ** restored.rollbacks
     set_lr_factor(gan, cfg, factor)
-    if env.is_main:
-        rows = trim_to(run, rows, p.nimg)  # the ticks after the checkpoint replay
-        runlog.append_stats(run.events, {"event": "rollback", "at_kimg": bad_kimg,
-                                         "to_kimg": p.nimg / 1000, "lr_factor": factor,
-                                         "time": time.time()})
-        print(f"\nnon-finite values: rolled back to {p.nimg / 1000:.3f} kimg with "
-              f"learning rates x{factor} ({p.rollbacks}/{MAX_ROLLBACKS})", file=sys.stderr)
-    return rows
+    if not env.is_main:
+        return restored, []
+    rows = run.trim(restored.nimg)  # the ticks after the checkpoint replay
+    runlog.append_stats(run.events, {"event": "rollback", "at_kimg": bad_kimg,
+                                     "to_kimg": restored.nimg / 1000, "lr_factor": factor,
+                                     "time": time.time()})
+    print(f"\nnon-finite values: rolled back to {restored.nimg / 1000:.3f} kimg with "
+          f"learning rates x{factor} ({restored.rollbacks}/{MAX_ROLLBACKS})", file=sys.stderr)
+    return restored, rows
 
 
-def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
-    """Train until cfg.train.kimg; return the last tick's stats.
-
-    `resume` is a loaded checkpoint whose state replaces the fresh one. Under
-    torchrun every rank runs this; rank 0 alone writes to `out`.
-    """
-    env, device = setup(resolve_device(cfg.train.device))
-    main = env.is_main
-    run = RunDir(out)
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-
-    # Data, and what this machine resolves: `auto` settings and the image channels.
+def resolve_run(cfg: Config, run: RunDir, env: DistEnv, device: torch.device,
+                progress: bool) -> tuple[Config, ImageSet]:
+    """Read the data and resolve what this machine decides (`auto` precision and layout,
+    the image channels); rank 0 writes the resolved config, once, and the machine."""
     data = load_images(cfg.data.dataset, cfg.data.resolution, cfg.data.channels,
-                       cache_dir=cfg.data.cache_dir, progress=progress and main)
+                       cache_dir=cfg.data.cache_dir, progress=progress and env.is_main)
     nc = data.images.shape[1]
     choice = resolve_auto(cfg, nc, device, env)
     cfg = apply_overrides(calibrate.apply(cfg, choice), {"channels": nc})
-    t = cfg.train
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
         if choice.how != "fixed":
             print(choice.line(), file=sys.stderr)
-        run.config.write_text(cfg.to_json() + "\n")  # the resolved values
+        run.write_config(cfg)
+        run.save_machine()  # what the report shows as "the machine"
         runlog.append_stats(run.events, {"event": "settings", **choice.as_dict(),
                                          "time": time.time()})
+    return cfg, data
+
+
+def tick_row(means: dict[str, float], p: Progress, since_nimg: int, seconds: float,
+             cfg: Config, total: int, device: torch.device) -> dict[str, Any]:
+    """One line of stats.jsonl: the tick's mean statistics, speed and memory."""
+    shown = p.nimg - since_nimg
+    return {"tick": p.tick, "kimg": round(p.nimg / 1000, 3), **means,
+            "img_per_s": shown / seconds, "sec_per_kimg": seconds * 1000 / shown,
+            "peak_mem_mb": round(peak_mem_mb(device), 1),
+            "noise_std": instance_noise_std(cfg, p.nimg, total), "time": time.time()}
+
+
+def log_tick(run: RunDir, gan: GAN, nimg: int, row: dict[str, Any], rows: list[dict[str, Any]],
+             z_fixed: torch.Tensor, meta: dict[str, Any], tb: TensorBoardLog | None) -> None:
+    """The tick's stats line, its fixed-noise grid, losses.png and the G_ema snapshot."""
+    runlog.append_stats(run.stats, row)
+    rows.append(row)
+    with torch.no_grad():
+        fixed = runlog.to_uint8(gan.G_ema(z_fixed))  # (64, C, R, R)
+    runlog.save_grid(fixed, run.grid(nimg))
+    if tb is not None:
+        tb.tick(nimg, row, runlog.grid(fixed))
+    runlog.plot_losses(rows, run.losses)
+    checkpoint.save_generator(gan.G_ema, meta, run.snapshot)
+
+
+def evaluate_tick(run: RunDir, gan: GAN, tracker: Any, p: Progress, row: dict[str, Any],
+                  meta: dict[str, Any], tb: TensorBoardLog | None) -> None:
+    """FID (and the tracker's other metrics) of G_ema; keep the best snapshot, since a
+    DCGAN's FID often worsens later in training."""
+    scores = tracker(gan.G_ema)
+    best = scores["fid"] < p.best_fid
+    if best:
+        p.best_fid = scores["fid"]
+        checkpoint.save_generator(gan.G_ema, meta, run.best)
+    runlog.append_stats(run.metrics, {"kimg": row["kimg"], **scores, "best": best,
+                                      "time": time.time()})
+    row["fid"] = scores["fid"]
+    if tb is not None:
+        tb.metrics(p.nimg, scores)
+
+
+def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Train until cfg.train.kimg in a run folder made ready by `RunDir.begin` (or being
+    resumed); return the last tick's stats.
+
+    `resume` is a loaded checkpoint whose state replaces the fresh one. Under
+    torchrun every rank runs this; rank 0 alone writes to the folder.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    env, device = setup(resolve_device(cfg.train.device))
+    main = env.is_main
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    cfg, data = resolve_run(cfg, run, env, device, progress)
+    t, nc = cfg.train, cfg.data.channels
 
     # Networks, optimisers and the step; D's weights before any step (transfer's baseline).
     batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed,
@@ -296,40 +319,32 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
     gan = build_gan(cfg, nc, device, env, t.precision)
     if resume is None and main:
         checkpoint.save_state_dict(gan.D, run.d_init)
-    tb = None
-    if main:
-        report.save_machine(run.path)  # what the report shows as "the machine"
-        if t.tensorboard:
-            tb = TensorBoardLog(run.path, cfg.to_dict())
-
-    p = Progress(resume)
     if resume is not None:
-        restore(gan, batches, resume, env, device)
-    elif env.enabled:
-        torch.manual_seed(t.seed + 1_000_003 * env.rank)  # different noise per rank
+        p = restore(gan, batches, resume, env, device)
+    else:
+        p = Progress(None)
+        if env.enabled:
+            torch.manual_seed(t.seed + 1_000_003 * env.rank)  # different noise per rank
+    tb = TensorBoardLog(run.path, cfg.to_dict()) if main and t.tensorboard else None
     tracker = None
-    if t.eval_every > 0 and main:
+    if main and t.eval_every > 0:
         from dcgan.evaluate import FidTracker
 
         tracker = FidTracker(cfg.data.dataset, cfg.data.resolution, nc, t.eval_features,
                              t.eval_n, device, cfg.data.cache_dir, progress=progress)
+    # drop lines written after the checkpoint (a crash), or those of no run at all
+    rows = run.trim(p.nimg) if main else []
 
     total = int(round(t.kimg * 1000))
     per_step = t.batch * t.d_steps * env.world_size  # real images shown to D per iteration
     beta = ema_beta(cfg, t.batch * env.world_size)
-    tick_nimg = t.tick_kimg * 1000
+    tick_nimg, eval_nimg = t.tick_kimg * 1000, t.eval_every * 1000
     z_fixed = fixed_latents(cfg, device)
-    rows = runlog.read_stats(run.stats) if main else []
-    if resume is not None and main:  # drop lines written after the checkpoint (a crash)
-        rows = trim_to(run, rows, p.nimg)
-
     bar = tqdm(total=total, initial=p.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
                disable=not (progress and main), desc="train")
-    watch = Watch()
-    row: dict[str, Any] = {}
+    watch, row, stopped = Watch(), {}, False
     training_stats.reset()
     steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
-    stopped = False
     with StopFlag() as stop:
         while p.nimg < total and not stopped:
             gan.step(batches, instance_noise_std(cfg, p.nimg, total))
@@ -347,55 +362,28 @@ def training_loop(cfg: Config, out: Path, resume: dict[str, Any] | None = None,
             p.tick += 1
             means = training_stats.collect(env)
             if not watch.finite(means, gan):
-                rows = roll_back(run, gan, batches, p, rows, cfg, env, device)
+                p, rows = roll_back(run, gan, batches, p, cfg, env, device)
                 steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
                 bar.n = p.nimg
                 continue
-            for warning in watch.collapse(means):
-                if main:
+            warnings = watch.collapse(means)
+            row = tick_row(means, p, tick_start_nimg, time.perf_counter() - tick_start, cfg,
+                           total, device)
+            if main:  # the run folder's files: rank 0 alone writes them
+                for warning in warnings:
                     print(f"\nwarning: {warning}", file=sys.stderr)
-                    runlog.append_stats(run.events, {
-                        "event": "warning", "kimg": p.nimg / 1000, "message": warning})
-            dt = time.perf_counter() - tick_start
-            row = {"tick": p.tick, "kimg": round(p.nimg / 1000, 3), **means,
-                   "img_per_s": (p.nimg - tick_start_nimg) / dt,
-                   "sec_per_kimg": dt * 1000 / (p.nimg - tick_start_nimg),
-                   "peak_mem_mb": round(peak_mem_mb(device), 1),
-                   "noise_std": instance_noise_std(cfg, p.nimg, total), "time": time.time()}
-            if main:
-                # Log the tick, save the image snapshot and G_ema.
-                runlog.append_stats(run.stats, row)
-                rows.append(row)
-                with torch.no_grad():
-                    fixed = runlog.to_uint8(gan.G_ema(z_fixed))  # (64, C, R, R)
-                runlog.save_grid(fixed, run.grid(p.nimg))
-                if tb is not None:
-                    tb.tick(p.nimg, row, runlog.grid(fixed))
-                runlog.plot_losses(rows, run.losses)
+                    runlog.append_stats(run.events, {"event": "warning", "kimg": p.nimg / 1000,
+                                                     "message": warning})
                 meta = snapshot_meta(cfg, nc, p.nimg)
-                checkpoint.save_generator(gan.G_ema, meta, run.snapshot)
-
-                # Evaluate metrics; keep the best snapshot (DCGAN's FID often worsens later).
-                eval_step = t.eval_every * 1000
-                if tracker is not None and (p.nimg // eval_step > tick_start_nimg // eval_step
+                log_tick(run, gan, p.nimg, row, rows, z_fixed, meta, tb)
+                if tracker is not None and (p.nimg // eval_nimg > tick_start_nimg // eval_nimg
                                             or p.nimg >= total):
-                    scores = tracker(gan.G_ema)
-                    best = scores["fid"] < p.best_fid
-                    if best:
-                        p.best_fid = scores["fid"]
-                        checkpoint.save_generator(gan.G_ema, meta, run.best)
-                    runlog.append_stats(run.metrics, {
-                        "kimg": row["kimg"], **scores, "best": best, "time": time.time()})
-                    row["fid"] = scores["fid"]
-                    if tb is not None:
-                        tb.metrics(p.nimg, scores)
-
-                # Save the training state, and refresh the run's HTML report beside it.
+                    evaluate_tick(run, gan, tracker, p, row, meta, tb)
                 if p.tick % t.checkpoint_ticks == 0 or p.nimg >= total or stopped:
-                    state = training_state(gan, batches, p, cfg, env, device)
-                    checkpoint.save_state(state, run.checkpoint)
+                    checkpoint.save_state(training_state(gan, batches, p, cfg, env, device),
+                                          run.checkpoint)
                     if t.report:
-                        write_report(run)
+                        write_report(run)  # the run's HTML report beside its state
                 bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}",
                                 refresh=False)
             steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg

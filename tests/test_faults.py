@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from dcgan import checkpoint, rundir
 from dcgan.checkpoint import load_state
 from dcgan.cli import main
-from dcgan.config import from_preset
 from dcgan.errors import UserError
 
 TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "8", "--ndf", "8",
@@ -138,8 +137,6 @@ def test_a_second_process_on_one_run_folder_is_refused_and_a_stale_lock_taken_ov
 
 
 def test_force_removes_everything_of_the_old_run(tmp_path):
-    from dcgan.train import prepare_run_dir
-
     run = tmp_path / "run"
     run.mkdir()
     old = ["stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png", rundir.CHECKPOINT,
@@ -148,11 +145,10 @@ def test_force_removes_everything_of_the_old_run(tmp_path):
         (run / name).write_text("old")
     (run / "samples").mkdir()
     (run / "samples" / "fakes000000016.png").write_text("old")
-    cfg = from_preset("fmnist32", {"dataset": "fake"})
     with pytest.raises(UserError, match="already holds a run"):
-        prepare_run_dir(run, cfg, force=False)
-    prepare_run_dir(run, cfg, force=True)
-    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+        rundir.RunDir(run).begin(force=False)
+    rundir.RunDir(run).begin(force=True)
+    assert sorted(p.name for p in run.iterdir()) == []  # the loop writes the new config
 
 
 # A real full disk: after a first checkpoint the subprocess lowers its own file-size limit

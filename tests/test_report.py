@@ -15,7 +15,7 @@ import pytest
 from dcgan.config import from_preset
 from dcgan.report import build_report, compare_runs, read_run
 from dcgan.rundir import RunDir
-from dcgan.train import prepare_run_dir, training_loop
+from dcgan.train import training_loop
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -28,7 +28,7 @@ def _run(out: Path, **overrides) -> Path:
                                    "tick_kimg": 0.064, "checkpoint_ticks": 2,
                                    "eval_every": 0.128, "eval_n": 64, "precision": "fp32",
                                    "channels_last": "on", **overrides})
-    prepare_run_dir(out, cfg, force=False)
+    RunDir(out).begin(force=False)
     training_loop(cfg, out, progress=False)
     return out
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from dcgan import checkpoint, rundir
 from dcgan.config import from_preset
-from dcgan.train import ema_beta, instance_noise_std, prepare_run_dir, training_loop
+from dcgan.train import ema_beta, instance_noise_std, training_loop
 
 TINY = {"dataset": "fake", "resolution": 32, "channels": 1, "ngf": 8, "ndf": 8, "nz": 16,
         "batch": 16, "tick_kimg": 0.032, "checkpoint_ticks": 1, "precision": "fp32",
@@ -24,7 +24,7 @@ def _cache(tmp_path, monkeypatch):
 def run(out, resume=None, **overrides):
     cfg = from_preset("fmnist32", {**TINY, **overrides})
     if resume is None:
-        prepare_run_dir(out, cfg, force=False)
+        rundir.RunDir(out).begin(force=False)
     return training_loop(cfg, out, resume=resume, progress=False)
 
 

@@ -177,7 +177,7 @@ def test_untrained_d_baseline_is_d_before_its_first_step(tmp_path, monkeypatch):
                                    "nz": 16, "batch": 16, "kimg": 0.032, "tick_kimg": 0.016,
                                    "precision": "fp32", "channels_last": "on", "seed": 5})
     out = tmp_path / "run"
-    train_module.prepare_run_dir(out, cfg, force=False)
+    rundir.RunDir(out).begin(force=False)
     train_module.training_loop(cfg, out, progress=False)
     recorded = load_file(str(out / rundir.D_INIT))
     assert set(recorded) == set(seen["D"])
