@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
-# Debian packages holding the real data sets (DESIGN.md section 4).
+# Debian packages holding the real data sets: Fashion-MNIST's IDX files and the colour
+# emoji font the emoji set is rendered from.
 DEB_DATA := dataset-fashion-mnist fonts-noto-color-emoji
 
 .PHONY: venv data browser postgres demo test lint gpu-check clean

@@ -95,7 +95,12 @@ def candidates(precision: str, channels_last: str, isa: dict[str, Any]) -> list[
     return [Setting(p, cl) for p in precisions for cl in layouts]
 
 
-def measure(steps: dict[str, Callable[[int], None]], batch: int,
+# A candidate's runner: run(n) takes n real training steps (`dcgan.step`'s Step) with
+# that candidate's settings. Not a Step itself: it owns the GAN and the batches.
+Runner = Callable[[int], None]
+
+
+def measure(steps: dict[str, Runner], batch: int,
             clock: Callable[[], float] = time.perf_counter, budget_s: float = 10.0,
             small: int = 8, slower: float = 2.0, max_rounds: int = 4
             ) -> tuple[dict[str, float], list[str]]:
@@ -154,7 +159,7 @@ def _read_cache(path) -> dict[str, Any]:
 
 
 def train_steps(cfg: Config, nc: int, device: torch.device,
-                settings: list[Setting]) -> dict[str, Callable[[int], None]]:
+                settings: list[Setting]) -> dict[str, Runner]:
     """One real Algorithm-1 iteration per call for each setting, on random images.
 
     Eager even when the run compiles: the ranking of precisions and layouts is

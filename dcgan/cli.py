@@ -55,6 +55,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dcgan import launch
+    from dcgan.rundir import RunDir
 
     # the run-folder logic (resume, torchrun restarts, the lock) is dcgan.launch's, which
     # dcgan.train() calls too
@@ -73,13 +74,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = p.out
     state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else (
         "done")
+    run = RunDir(out)
+    files = [(run.grid(0).parent.name + "/fakesNNNNNNNNN.png",
+              "fixed-noise grid per tick (G-EMA; NNNNNNNNN = images)"),
+             (run.losses.name, "loss and D-output curves"),
+             (run.stats.name, "one JSON line per tick"),
+             (run.snapshot.name, "G-EMA snapshot (dcgan sample / eval)"),
+             (run.checkpoint.name, "full training state (--resume)"),
+             (run.config.name, "resolved config")]
     print(f"{state} at {last.get('kimg', 0)} kimg. In {out}:\n"
-          f"  samples/fakesNNNNNNNNN.png  fixed-noise grid per tick (G-EMA; NNNNNNNNN = images)\n"
-          f"  losses.png               loss and D-output curves\n"
-          f"  stats.jsonl              one JSON line per tick\n"
-          f"  generator.safetensors    G-EMA snapshot (dcgan sample / eval)\n"
-          f"  checkpoint.pt            full training state (--resume)\n"
-          f"  config.json              resolved config", file=sys.stderr)
+          + "\n".join(f"  {name:<27}{what}" for name, what in files), file=sys.stderr)
     return 0
 
 

@@ -206,9 +206,12 @@ def _bench_rows(path: Path) -> dict[str, Any]:
 
 
 def _last_tick(run: Path) -> dict[str, Any]:
-    ticks = [json.loads(s) for s in (run / "stats.jsonl").read_text().splitlines() if s]
+    from dcgan.rundir import RunDir
+    from dcgan.runlog import read_stats
+
+    ticks = read_stats(RunDir(run).stats)
     last = ticks[-1]
-    train = json.loads((run / "config.json").read_text())["train"]
+    train = json.loads(RunDir(run).config.read_text())["train"]
     return {"ticks": len(ticks), "kimg": last["kimg"], "img_per_s": round(last["img_per_s"], 1),
             "peak_mem_mb": last["peak_mem_mb"],
             "resolved": {k: train.get(k) for k in ("device", "precision", "channels_last",

@@ -72,14 +72,9 @@ def read_run(path: str | Path) -> Run:
         except (UnicodeDecodeError, json.JSONDecodeError):
             machine = {}  # only shown on the page: a damaged one is left out
         machine = machine if isinstance(machine, dict) else {}
-    grids = []
-    for f in rd.grids():
-        digits = f.stem[len("fakes"):]
-        if digits.isdigit():
-            grids.append((int(digits), f))
     events = [e for e in read_stats(rd.events, EVENTS_FIELDS) if isinstance(e.get("event"), str)]
     return Run(rd.path, config, read_stats(rd.stats, STATS_FIELDS),
-               read_stats(rd.metrics, METRICS_FIELDS), events, machine, sorted(grids))
+               read_stats(rd.metrics, METRICS_FIELDS), events, machine, rd.grids())
 
 
 # ---------------------------------------------------------------------------- charts

@@ -61,13 +61,23 @@ class RunDir:
     machine = property(lambda self: self.path / "machine.json")  # dcgan info's facts
     tensorboard = property(lambda self: self.path / "tensorboard")
     lock = property(lambda self: self.path / LOCK)
+    # a run started by `dcgan tune`: its trial's config, its log, and why it was pruned
+    trial_config = property(lambda self: self.path / "trial-config.json")
+    log = property(lambda self: self.path / "train.log")
+    pruned = property(lambda self: self.path / "pruned.json")
 
     def grid(self, nimg: int) -> Path:
         """The grid after nimg images (named by image count: ticks may be < 1 kimg)."""
         return self.samples / f"fakes{nimg:09d}.png"
 
-    def grids(self) -> list[Path]:
-        return sorted(self.samples.glob("fakes*.png"))
+    def grids(self) -> list[tuple[int, Path]]:
+        """(nimg, file) of every grid, in training order."""
+        found = []
+        for f in self.samples.glob("fakes*.png"):
+            digits = f.stem[len("fakes"):]
+            if digits.isdigit():
+                found.append((int(digits), f))
+        return sorted(found)
 
     def is_run(self) -> bool:
         return any(p.exists() for p in (self.config, self.stats, self.checkpoint))

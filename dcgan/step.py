@@ -298,7 +298,7 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
     G_c, D_c = G, D
     if cfg.train.compile:
         # dynamic=False: D is called on leaf and on grad-requiring batches; letting
-        # dynamo go dynamic there recompiled and crashed in inductor (DESIGN.md)
+        # dynamo go dynamic there recompiled and crashed in inductor (seen on torch 2.13, CPU)
         G_c = torch.compile(G, dynamic=False, mode=cfg.train.compile_mode)
         D_c = torch.compile(D, dynamic=False, mode=cfg.train.compile_mode)
     step = AutogradStep(cfg, wrap(G_c, env, device), wrap(D_c, env, device), D_c, D,

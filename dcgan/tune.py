@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dcgan import atomic
 from dcgan.config import Config, apply_overrides, field_index, from_preset
 from dcgan.errors import UserError
 from dcgan.rundir import RunDir
@@ -291,12 +292,11 @@ def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
     if RunDir(folder).checkpoint.is_file():  # the retry of a killed trial: continue it
         cmd = ["train", "--resume", str(folder), "--kimg", str(settings.kimg)]
     else:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "trial-config.json").write_text(cfg.to_json() + "\n")
-        cmd = ["train", "--config", str(folder / "trial-config.json"), "--out", str(folder),
+        atomic.write_text(RunDir(folder).trial_config, cfg.to_json() + "\n")
+        cmd = ["train", "--config", str(RunDir(folder).trial_config), "--out", str(folder),
                "--force"]
     trial.set_user_attr("folder", folder.name)
-    log = open(folder / "train.log", "a")
+    log = open(RunDir(folder).log, "a")
     proc = subprocess.Popen([sys.executable, "-m", "dcgan", *cmd, "--quiet"], stdout=log,
                             stderr=subprocess.STDOUT, env=os.environ.copy())
     seen = 0
@@ -309,7 +309,7 @@ def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
                 if not done and trial.should_prune():
                     proc.send_signal(signal.SIGTERM)  # it saves its state and exits
                     proc.wait()
-                    (folder / "pruned.json").write_text(json.dumps(
+                    atomic.write_text(RunDir(folder).pruned, json.dumps(
                         {"trial": trial.number, "kimg": row["kimg"], "fid": row["fid"]}) + "\n")
                     raise optuna.TrialPruned(f"pruned at {row['kimg']} kimg")
             seen = len(rows)
@@ -322,7 +322,7 @@ def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
             proc.wait()
         log.close()
     if proc.returncode != 0:
-        tail = (folder / "train.log").read_text().strip().splitlines()[-1:] or ["?"]
+        tail = RunDir(folder).log.read_text().strip().splitlines()[-1:] or ["?"]
         raise TrialFailed(f"dcgan train exited with {proc.returncode}: {tail[0]}")
     rows = _read_metrics(folder)
     if not rows or not math.isfinite(rows[-1]["fid"]):

@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-Step = Callable[[], int]  # runs one step and returns how many images it processed
+Timed = Callable[[], int]  # runs one step and returns how many images it processed
 
 
-def counted(fn: Callable[[], object], images: int) -> Step:
-    """The Step that runs fn() and counts `images` images (a batch's size)."""
+def counted(fn: Callable[[], object], images: int) -> Timed:
+    """The Timed that runs fn() and counts `images` images (a batch's size)."""
     def run() -> int:
         fn()
         return images
@@ -49,7 +49,7 @@ def clock(kind: str, device: torch.device | str) -> Callable[[], float]:
     return wall
 
 
-def in_turns(steps: Mapping[str, Step], windows: int, calls: int | Mapping[str, int],
+def in_turns(steps: Mapping[str, Timed], windows: int, calls: int | Mapping[str, int],
              now: Callable[[], float], after_window: Callable[[], None] = lambda: None
              ) -> dict[str, list[tuple[int, float]]]:
     """(images, seconds) of every window of each step.
