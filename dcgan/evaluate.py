@@ -69,7 +69,7 @@ class Side:
     source: str = ""  # data source (name or absolute folder); for generators, its training set
     split: str = ""  # "train" / "test" for data sides
     snapshot: Path | None = None
-    generator: torch.nn.Module | None = None  # loaded on the CPU by parse_side
+    generator: torch.nn.Module | None = None  # loaded on the CPU by load_side
     meta: dict[str, Any] = field(default_factory=dict)
     images: np.ndarray | None = None  # uint8 (n, C, R, R) once loaded or sampled
     content: str = ""  # data sides: the loaded source's content digest (keys its statistics)
@@ -84,8 +84,9 @@ class Side:
         return d
 
 
-def parse_side(spec: str) -> Side:
-    """A run folder, a generator file or folder (what dcgan.load takes), `name[:split]` or
+def load_side(spec: str) -> Side:
+    """Load one side of a comparison: a run folder, a generator file or folder (its weights
+    read here; what dcgan.load takes), `name[:split]` or
     an image folder -> Side."""
     from dcgan.generator import HF_SCHEME, is_generator_path, read
 
@@ -244,7 +245,7 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     metrics = _check_request(metrics, features, n)
-    sides = [parse_side(a), parse_side(b)]
+    sides = [load_side(a), load_side(b)]
     gens = [s for s in sides if s.kind == "generator"]
 
     # Resolution and channels: a generator's own; else 32 for the 28x28 IDX sources, 64

@@ -20,7 +20,7 @@ from PIL import Image
 from dcgan.checkpoint import save_generator
 from dcgan.errors import UserError
 from dcgan.eval_table import format_table
-from dcgan.evaluate import FidTracker, evaluate, parse_side, sample_generator
+from dcgan.evaluate import FidTracker, evaluate, load_side, sample_generator
 from dcgan.features import (
     INCEPTION_SHA256,
     INCEPTION_SIZE,
@@ -535,21 +535,21 @@ def test_bad_sides(tmp_path):
     run.mkdir()
     (run / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no generator.safetensors"):
-        parse_side(str(run))
+        load_side(str(run))
     with pytest.raises(UserError, match="unknown source"):
-        parse_side("imagenet")
+        load_side("imagenet")
     with pytest.raises(UserError, match="unknown split"):
-        parse_side("fashion-mnist:val")
+        load_side("fashion-mnist:val")
     with pytest.raises(UserError, match="no test split"):
-        parse_side("emoji:test")
+        load_side("emoji:test")
     text = tmp_path / "notes.txt"
     text.write_text("hi")
     with pytest.raises(UserError, match="not a generator.safetensors"):
-        parse_side(str(text))
+        load_side(str(text))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 16)
     with pytest.raises(UserError, match="not a dcgan generator snapshot"):
-        parse_side(str(broken))
+        load_side(str(broken))
 
 
 def test_bad_requests(tmp_path):
