@@ -7,7 +7,8 @@ on some CPUs and not on others. So on the CPU `--precision auto` and
 `--channels-last auto` are settled the way cuDNN's benchmark mode settles a
 convolution algorithm: a few real train steps of each candidate, timed in
 turns, and the fastest wins. The answer is cached per CPU model, ISA level,
-torch version, thread count and model shape, so later runs start at once.
+torch version, thread count and model shape (a `CalibrationKey`, stored in its
+entry and checked on read), so later runs start at once.
 
 Bounded cost: every candidate first runs one step at a small batch, and one
 that is clearly slower than the best is dropped before it costs a full-size
@@ -26,11 +27,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from dcgan import atomic, machine
+from dcgan.cache_key import CacheKey
 from dcgan.config import Config, apply_overrides
 from dcgan.errors import UserError
 from dcgan.step import build_gan
@@ -140,14 +143,37 @@ def measure(steps: dict[str, Runner], batch: int,
     return img_per_s, dropped
 
 
-def cache_key(cfg: Config, nc: int, precision: str, channels_last: str) -> str:
+@dataclass(frozen=True)
+class CalibrationKey(CacheKey):
+    """Everything that decides which setting trains fastest here."""
+
+    kind: ClassVar[str] = "calibration"
+    version: int
+    cpu: str
+    capability: str  # torch's CPU dispatch level
+    bf16: bool  # native bf16 arithmetic (the probe rule)
+    torch_version: str
+    threads: int
+    resolution: int
+    nc: int
+    nz: int
+    ngf: int
+    ndf: int
+    batch: int
+    d_steps: int
+    precision: str  # as asked: "auto" or fixed
+    channels_last: str
+
+
+def cache_key(cfg: Config, nc: int, precision: str, channels_last: str) -> CalibrationKey:
     isa = machine.cpu_isa()
     m, t = cfg.model, cfg.train
-    return (f"v{CACHE_VERSION}|{machine.cpu_model()}|{isa['capability']}|"
-            f"bf16={machine.native_bf16(isa)}|torch {torch.__version__}|"
-            f"threads {torch.get_num_threads()}|{cfg.data.resolution}px nc {nc} nz {m.nz} "
-            f"ngf {m.ngf} ndf {m.ndf} batch {t.batch} k {t.d_steps}|"
-            f"precision {precision} channels_last {channels_last}")
+    return CalibrationKey(
+        version=CACHE_VERSION, cpu=machine.cpu_model(), capability=str(isa["capability"]),
+        bf16=machine.native_bf16(isa), torch_version=torch.__version__,
+        threads=torch.get_num_threads(), resolution=cfg.data.resolution, nc=nc, nz=m.nz,
+        ngf=m.ngf, ndf=m.ndf, batch=t.batch, d_steps=t.d_steps, precision=precision,
+        channels_last=channels_last)
 
 
 def _read_cache(path) -> dict[str, Any]:
@@ -156,6 +182,29 @@ def _read_cache(path) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):  # missing or damaged: measure again
         return {}
+
+
+def _cached(path: Path, key: CalibrationKey) -> Choice | None:
+    """The choice stored for `key`, or None: missing, damaged, or an entry of another key
+    under its name (the entry holds its key; one without is of the older format)."""
+    entry = _read_cache(path).get(key.digest())
+    if not isinstance(entry, dict) or not key.matches(entry.get("key")):
+        return None
+    try:
+        return Choice.from_dict(entry["choice"], "cached")
+    except (KeyError, TypeError, ValueError):
+        return None  # an entry of another shape: measure again
+
+
+def _store(path: Path, key: CalibrationKey, choice: Choice) -> None:
+    # Entries without a key (the format before keys were stored) are never read: dropped.
+    entries = {name: e for name, e in _read_cache(path).items()
+               if isinstance(e, dict) and "key" in e}
+    entries[key.digest()] = {"key": key.as_dict(), "choice": choice.as_dict()}
+    try:
+        atomic.write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    except UserError as e:  # a read-only cache costs 10 s next time, nothing more
+        print(f"warning: calibration not cached ({e})", file=sys.stderr)
 
 
 def train_steps(cfg: Config, nc: int, device: torch.device,
@@ -201,11 +250,8 @@ def resolve(cfg: Config, nc: int, device: torch.device, cache_dir: str = "",
         return Choice(cands[0], how, cap)
     path = cache_root(cache_dir) / CACHE_FILE
     key = cache_key(cfg, nc, t.precision, t.channels_last)
-    if use_cache and key in (cached := _read_cache(path)):
-        try:
-            return Choice.from_dict(cached[key], "cached")
-        except (KeyError, TypeError, ValueError):
-            pass  # an entry of another shape: measure again
+    if use_cache and (cached := _cached(path, key)) is not None:
+        return cached
     print(f"auto: timing {len(cands)} settings on this CPU ({cap}; about 10 s, once)",
           file=sys.stderr)
     t0 = time.perf_counter()
@@ -215,12 +261,7 @@ def resolve(cfg: Config, nc: int, device: torch.device, cache_dir: str = "",
     choice = Choice(next(s for s in cands if s.name == best), "measured", cap, rates, dropped,
                     time.perf_counter() - t0)
     if use_cache:
-        entries = _read_cache(path)
-        entries[key] = choice.as_dict()
-        try:
-            atomic.write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
-        except UserError as e:  # a read-only cache costs 10 s next time, nothing more
-            print(f"warning: calibration not cached ({e})", file=sys.stderr)
+        _store(path, key, choice)
     return choice
 
 

@@ -3,15 +3,19 @@
 `dcgan.features.DomainExtractor` reads its 128-d penultimate layer (a fast FID on
 the CPU) and its softmax (the "classifier score"). The network is trained once
 per (source, resolution, channels) on the source's train split, tested on its
-test split, and cached under `cache_root()` with that test accuracy.
+test split, and cached under `cache_root()` with that test accuracy: the weights
+and a JSON record that holds the `ClassifierKey` (the content digests of both
+splits among its fields) and the weights' SHA-256, both checked before use.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dcgan import atomic, checkpoint
+from dcgan.cache_key import CacheKey, safe_name
+from dcgan.content import sha256_file
 from dcgan.errors import UserError
 from dcgan.pixels import from_uint8
 
@@ -64,13 +70,65 @@ class DomainNet(nn.Module):
         return h, self.head(self.drop(h))
 
 
-def classifier_paths(source: str, resolution: int, channels: int,
-                     cache_dir: str | Path = "") -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class ClassifierKey(CacheKey):
+    """Everything that determines a cached classifier (and its recorded test accuracy)."""
+
+    kind: ClassVar[str] = "classifier"
+    source: str
+    train: str  # the train split's slug: its name and a digest of its files' bytes
+    test: str  # the test split's: the recorded accuracy is measured on it
+    resolution: int
+    channels: int  # as asked: 0 is the source's own
+    version: int = CLASSIFIER_VERSION
+
+    def readable(self) -> tuple[str, str]:
+        return (f"classifier-{safe_name(Path(self.source).name or 'source')}",
+                f"-{self.resolution}px-{self.channels}ch")
+
+
+def _key_and_files(source: str, resolution: int, channels: int,
+                   cache_dir: str | Path) -> tuple[ClassifierKey, Path, Path]:
+    from dcgan import sources
     from dcgan.data import cache_root
 
-    stem = f"classifier-{source}-{resolution}px-{channels}ch"
     root = cache_root(str(cache_dir))
-    return root / f"{stem}.safetensors", root / f"{stem}.json"
+    train, test = (sources.resolve(source, split, root).slug for split in sources.SPLITS)
+    key = ClassifierKey(source, train, test, resolution, channels)
+    return key, root / key.filename(".safetensors"), root / key.filename(".json")
+
+
+def _problem(key: ClassifierKey, weights: Path, meta: Path) -> str:
+    """Why the cached pair cannot be used as it is, or "" when it can."""
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return "unreadable record"
+    if not isinstance(record, dict) or not key.matches(record.get("key")):
+        return "stored key differs"  # another key's files, or written before keys were stored
+    try:
+        if record.get("weights_sha256") != sha256_file(weights):
+            return "weights differ from their record"
+    except OSError:
+        return "unreadable weights"
+    return ""
+
+
+def classifier_paths(source: str, resolution: int, channels: int,
+                     cache_dir: str | Path = "") -> tuple[Path, Path]:
+    """(weights, record) of the classifier cached for these arguments.
+
+    A pair that is there but not this key's whole and unchanged files is removed
+    first, with a warning, like a damaged file: a caller that finds both files may
+    trust them, and one that does not trains again.
+    """
+    key, weights, meta = _key_and_files(source, resolution, channels, cache_dir)
+    if weights.is_file() and meta.is_file() and (problem := _problem(key, weights, meta)):
+        print(f"warning: the cached classifier {weights} is damaged ({problem}); training it "
+              "again", file=sys.stderr)
+        weights.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+    return weights, meta
 
 
 def train_classifier(source: str, resolution: int, channels: int, cache_dir: str | Path = "",
@@ -82,6 +140,8 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
     """
     from dcgan.data import load_images
 
+    # The key of the files as they are before training: a change meanwhile retrains next time.
+    key, weights, meta = _key_and_files(source, resolution, channels, cache_dir)
     train = load_images(source, resolution, channels, split="train", cache_dir=str(cache_dir),
                         progress=progress)
     test = load_images(source, resolution, channels, split="test", cache_dir=str(cache_dir),
@@ -134,7 +194,9 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
         "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    weights, meta = classifier_paths(source, resolution, channels, cache_dir)
     checkpoint.save_state_dict(net, weights)
+    # The weights first, then the record naming their digest: a reader that finds a
+    # record finds the weights it describes (or a mismatch, and trains again).
+    record.update(key=key.as_dict(), weights_sha256=sha256_file(weights))
     atomic.write_text(meta, json.dumps(record, indent=2) + "\n")
     return record

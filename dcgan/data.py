@@ -1,8 +1,9 @@
 """Training images as one cached uint8 array per (source, resolution, channels, split).
 
 `load_images` turns a source (`dcgan.sources`) into a uint8 array of shape (N, C, R, R)
-once and keeps it in `cache_root()` as one `.npz` file, named by the source's content
-digest; later calls read the file. A damaged file is rebuilt; files are written
+once and keeps it in `cache_root()` as one `.npz` file, named by an `ImagesKey` (the
+source's content digest among its fields) and holding that key; later calls read the
+file. A damaged file, or one holding another key, is rebuilt; files are written
 atomically, so two processes building the same array both succeed. Serving batches
 from the array is `dcgan.sampler`'s job.
 """
@@ -14,13 +15,17 @@ import pathlib
 import sys
 import zipfile
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
 from dcgan import atomic, sources
+from dcgan.cache_key import CacheKey
 from dcgan.config import RESOLUTIONS
 from dcgan.errors import UserError
+
+IMAGES_VERSION = 1  # bump when decoding or resizing changes the pixels of a source
 
 
 @dataclass
@@ -73,22 +78,48 @@ def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
 # The cache.
 
 
+@dataclass(frozen=True)
+class ImagesKey(CacheKey):
+    """Everything that determines a cached image array."""
+
+    kind: ClassVar[str] = "images"
+    source: str  # ImageSet.source: the name, or the folder's absolute path
+    content: str  # the source's slug: its name and a digest of its files' bytes
+    resolution: int
+    channels: int
+    split: str
+    version: int = IMAGES_VERSION
+
+    def readable(self) -> tuple[str, str]:
+        # the digest before the size, so the names of one folder's versions share a
+        # prefix and a suffix: the glob that finds them is `images-{stale_glob}{suffix}`
+        return f"images-{self.content}", _suffix(self.resolution, self.channels, self.split)
+
+
+def _suffix(resolution: int, channels: int, split: str) -> str:
+    return f"-{resolution}px-{channels}ch-{split}.npz"
+
+
 def _read_cache(
-    path: pathlib.Path, resolution: int, channels: int
+    path: pathlib.Path, key: ImagesKey
 ) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-    """The arrays stored at `path`, or None (deleting the file) when missing or damaged."""
+    """The arrays stored at `path`, or None (deleting the file) when missing, damaged or
+    holding another key (or none: a file written before keys were stored)."""
     if not path.is_file():
         return None
+    shape = (key.channels, key.resolution, key.resolution)
     try:
         with np.load(path, allow_pickle=False) as z:
             images = z["images"]
             labels = z["labels"] if "labels" in z.files else None
             skipped = int(z["skipped"])
+            ok = key.matches(str(z["key"]))
         ok = (
-            images.dtype == np.uint8
+            ok
+            and images.dtype == np.uint8
             and images.ndim == 4
             and images.shape[0] > 0
-            and images.shape[1:] == (channels, resolution, resolution)
+            and images.shape[1:] == shape
             and (labels is None or (labels.dtype == np.int64 and labels.shape == images.shape[:1]))
         )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
@@ -101,11 +132,12 @@ def _read_cache(
 
 
 def _write_cache(
-    path: pathlib.Path, images: np.ndarray, labels: np.ndarray | None, skipped: int
+    path: pathlib.Path, key: ImagesKey, images: np.ndarray, labels: np.ndarray | None,
+    skipped: int
 ) -> None:
     """Write atomically (`dcgan.atomic`): readers, or other ranks building the same file
     at once, never see a partial file."""
-    arrays = {"images": images, "skipped": np.int64(skipped)}
+    arrays = {"key": np.array(key.to_json()), "images": images, "skipped": np.int64(skipped)}
     if labels is not None:
         arrays["labels"] = labels
 
@@ -140,17 +172,19 @@ def load_images(
                         "fake")
 
     root = cache_root(cache_dir)
-    suffix = f"-{resolution}px-{channels}ch-{split}.npz"
-    path = root / f"images-{source.slug}{suffix}"
-    cached = _read_cache(path, resolution, channels)
+    key = ImagesKey(source.key, source.slug, resolution, channels, split)
+    path = root / key.filename()
+    cached = _read_cache(path, key)
     if cached is None:
         images, labels, skipped = source.build(resolution, progress)
         images = _convert_channels(images, channels)
-        _write_cache(path, images, labels, skipped)
-        if source.stale_glob:  # the same folder before it changed: never read again
-            for old in root.glob(f"images-{source.stale_glob}{suffix}"):
-                if old != path:
-                    old.unlink(missing_ok=True)
+        _write_cache(path, key, images, labels, skipped)
+        # Never read again: the same folder before it changed, and this source's files
+        # of an older key (names without a digest were written before keys were stored).
+        suffix = _suffix(resolution, channels, split)
+        for old in root.glob(f"images-{source.stale_glob or source.slug + '*'}{suffix}"):
+            if old != path:
+                old.unlink(missing_ok=True)
         cached = images, labels, skipped
     images, labels, skipped = cached
     return ImageSet(images, labels, source.key, split, skipped, source.slug)

@@ -10,28 +10,29 @@ extractor (with its weights' fingerprint).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from dcgan import atomic
+from dcgan.cache_key import CacheKey, safe_name
 from dcgan.metrics import feature_stats
 
 
 @dataclass(frozen=True)
-class StatsKey:
+class StatsKey(CacheKey):
     """Everything that determines a reference feature set.
 
     Leaving any of these out of the key is the classic stale-cache bug: the same
     file would be returned for another split, size or feature network.
     """
 
+    kind: ClassVar[str] = "reference-features"
     source: str  # data source as given (name or resolved folder path)
     split: str  # "train", "test" or "" for unsplit sources
     resolution: int
@@ -40,16 +41,10 @@ class StatsKey:
     extractor: str  # extractor name including its weight fingerprint
     content: str = ""  # the image cache's digest of the source: new files, new key
 
-    def digest(self) -> str:
-        text = json.dumps(self.__dict__, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def filename(self) -> str:
-        # A readable prefix for people browsing the cache; the digest makes it unique.
-        name = Path(self.source).name or "source"
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
+    def readable(self) -> tuple[str, str]:
         split = f"-{self.split}" if self.split else ""
-        return f"ref-{safe}{split}-{self.resolution}px-{self.n}-{self.digest()}.npz"
+        name = safe_name(Path(self.source).name or "source")
+        return f"ref-{name}{split}-{self.resolution}px-{self.n}", ".npz"
 
 
 @dataclass
@@ -77,27 +72,30 @@ def cached_reference(key: StatsKey, compute: Callable[[], tuple[np.ndarray, np.n
     compute() returns (features (N, D), logits (N, K) or None). Files are
     .npz without object arrays (loaded with allow_pickle=False) and written to
     a temporary name then renamed, so readers never see half a file. The key
-    is stored inside and compared on load, so a digest collision or a renamed
-    file is recomputed rather than trusted.
+    is stored inside and compared on load (`dcgan.cache_key`): a file of another
+    key is rebuilt like a damaged one, with the same warning.
     """
     path = Path(cache_dir) / "stats" / key.filename()
-    want = json.dumps(key.__dict__, sort_keys=True)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == want:
+                if "key" in z.files and key.matches(str(z["key"])):
                     logits = z["logits"] if "logits" in z.files else None
                     return Reference(z["features"], z["mu"], z["sigma"], logits)
-        # what np.load raises for a truncated, empty or foreign file: recompute and
-        # overwrite it, so a damaged cache heals on the next run instead of failing each
+            # a file of another key, or written before keys were stored
+            reason = "stored key differs"
+        # what np.load raises for a truncated, empty or foreign file
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            print(f"warning: statistics cache {path} is damaged ({type(e).__name__}); "
-                  "rebuilding it", file=sys.stderr)
+            reason = type(e).__name__
+        # recompute and overwrite it, so a damaged cache heals on the next run
+        # instead of failing each
+        print(f"warning: statistics cache {path} is damaged ({reason}); rebuilding it",
+              file=sys.stderr)
     features, logits = compute()
     # Statistics from the float32 copy that is stored, so a reload agrees exactly.
     features = np.asarray(features, dtype=np.float32)
     mu, sigma = feature_stats(features)
-    arrays = {"key": np.array(want), "features": features, "mu": mu, "sigma": sigma}
+    arrays = {"key": np.array(key.to_json()), "features": features, "mu": mu, "sigma": sigma}
     if logits is not None:
         arrays["logits"] = np.asarray(logits, dtype=np.float32)
     _write_npz_atomic(path, arrays)

@@ -1,6 +1,7 @@
 """`auto` precision and layout: the choice logic under a fake clock, the probe rule,
 the cache, and a real calibration of a small model on this CPU."""
 
+import dataclasses
 import json
 
 import pytest
@@ -111,7 +112,8 @@ def test_real_calibration_on_this_cpu_is_cached_and_keeps_the_rng(tmp_path):
                    key=choice.img_per_s.get)
         assert choice.setting.name == best
         cache = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())
-        assert list(cache) == [calibrate.cache_key(cfg, 1, "auto", "auto")]
+        key = calibrate.cache_key(cfg, 1, "auto", "auto")
+        assert list(cache) == [key.digest()] and key.matches(cache[key.digest()]["key"])
         again = calibrate.resolve(cfg, 1, torch.device("cpu"))
         assert again.how == "cached" and again.setting == choice.setting
     resolved = calibrate.apply(cfg, choice)
@@ -134,6 +136,44 @@ def test_a_damaged_cache_is_measured_again(tmp_path):
     choice = calibrate.resolve(cfg, 1, torch.device("cpu"))
     assert choice.how == "measured"
     assert json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())
+
+
+def test_an_entry_of_another_key_or_of_the_old_format_is_measured_again(tmp_path,
+                                                                         monkeypatch):
+    """Same entry name, other content: the key stored in the entry decides. Entries of the
+    format before keys were stored (named by a `|`-joined string) are never read, and
+    dropped when the file is written again."""
+    cfg = from_preset("fmnist32", {**TINY, "precision": "fp32"})  # two candidates
+    measured = []
+
+    def fake_measure(steps, batch):
+        measured.append(batch)
+        return {"fp32/channels-last": 100.0, "fp32/NCHW": 50.0}, []
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    monkeypatch.setattr(calibrate, "train_steps", lambda *a: {})
+    key = calibrate.cache_key(cfg, 1, "fp32", "auto")
+    wrong = {"precision": "fp32", "channels_last": False, "how": "measured",
+             "capability": "X", "img_per_s": {}, "dropped": [], "seconds": 0.0}
+    other = dataclasses.replace(key, cpu="another CPU")
+    path = tmp_path / "cache" / calibrate.CACHE_FILE
+    path.parent.mkdir()
+    entries = (
+        {key.digest(): {"key": other.as_dict(), "choice": wrong}},  # another key's entry
+        {key.digest(): {"choice": wrong}},  # no key
+        {key.digest(): {"key": key.to_json()[:-1], "choice": wrong}},  # a damaged key
+        {"v1|old|string|key": wrong},  # the old format
+    )
+    for stored in entries:
+        path.write_text(json.dumps(stored))
+        measured.clear()
+        choice = calibrate.resolve(cfg, 1, torch.device("cpu"))
+        assert measured and choice.how == "measured", stored
+        assert choice.setting == Setting("fp32", True)
+        written = json.loads(path.read_text())
+        assert list(written) == [key.digest()] and key.matches(written[key.digest()]["key"])
+    measured.clear()
+    assert calibrate.resolve(cfg, 1, torch.device("cpu")).how == "cached" and not measured
 
 
 def test_channels_last_reads_booleans_of_older_configs():

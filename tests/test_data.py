@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from dcgan import sources
-from dcgan.data import ImageSet, load_images
+from dcgan.data import ImageSet, ImagesKey, load_images
 from dcgan.errors import UserError
 from dcgan.sampler import Batches
 from dcgan.sources import IMAGE_EXTENSIONS
@@ -462,7 +463,7 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
     assert len(files) == 1 and files[0].name.startswith("images-imgs-")
     assert files[0].name.endswith("-32px-3ch-train.npz")  # no temporary files left over
     with np.load(files[0], allow_pickle=False) as z:
-        assert sorted(z.files) == ["images", "skipped"]
+        assert sorted(z.files) == ["images", "key", "skipped"]
         np.testing.assert_array_equal(z["images"], first.images)
 
     def no_decoding(*args, **kwargs):
@@ -488,6 +489,70 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
     np.testing.assert_array_equal(changed.images[:5], first.images)
     files_now = list(cache.glob("images-*"))
     assert len(files_now) == 1 and files_now[0] != files[0]  # stale version removed
+
+
+def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(tmp_path: Path, cache: Path,
+                                                               monkeypatch, capsys) -> None:
+    """Same name, other content: the key stored inside decides, not the name. Files
+    written before keys were stored (no key inside, no digest in the name) are never read."""
+    folder = small_folder(tmp_path / "imgs")
+    first = load_images(str(folder), 32, progress=False)
+    (path,) = cache.glob("images-*")
+    with np.load(path, allow_pickle=False) as z:
+        stored = json.loads(str(z["key"]))
+    assert stored["kind"] == "images" and stored["fields"]["resolution"] == 32
+    key = ImagesKey(**stored["fields"])
+    assert key.filename() == path.name and key.content == first.content
+    wrong = np.zeros_like(first.images)
+    decoded = []
+    real_build = sources._load_image_file
+    monkeypatch.setattr(sources, "_load_image_file",
+                        lambda *a, **k: decoded.append(1) or real_build(*a, **k))
+
+    def plant(stored_key: str | None) -> None:
+        arrays = {"images": wrong, "skipped": np.int64(0)}
+        if stored_key is not None:
+            arrays["key"] = np.array(stored_key)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    other = ImagesKey(key.source, key.content, 32, 3, "test")  # another split's key
+    for stored_key in (other.to_json(), None, "", key.to_json().replace('"version":1',
+                                                                        '"version":0')):
+        plant(stored_key)
+        decoded.clear()
+        again = load_images(str(folder), 32, progress=False)
+        np.testing.assert_array_equal(again.images, first.images)
+        assert decoded, "read a file holding another key instead of rebuilding"
+        assert "is damaged; rebuilding it" in capsys.readouterr().err
+    decoded.clear()
+    load_images(str(folder), 32, progress=False)
+    assert not decoded  # and the rebuilt file is read
+
+    # What the code before keys wrote: the same arrays, no key, a name without the digest.
+    legacy = cache / path.name.replace(f"-{key.digest()}", "")
+    assert legacy.name == f"images-{first.content}-32px-3ch-train.npz"
+    with open(legacy, "wb") as f:
+        np.savez(f, images=wrong, skipped=np.int64(0))
+    path.unlink()
+    decoded.clear()
+    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images,
+                                  first.images)
+    assert decoded and not legacy.exists()  # built anew; the old file removed
+    assert [p.name for p in cache.glob("images-*")] == [path.name]
+
+
+def test_a_named_sources_old_format_file_is_removed(cache: Path) -> None:
+    """mnist from IDX files in the cache: its file without a digest (the format before
+    keys were stored) is not read, and goes once the new one is written."""
+    write_idx_folder(cache / "mnist", 4, 2, gz=False)
+    slug = sources.resolve("mnist", "train", cache).slug
+    legacy = cache / f"images-{slug}-32px-1ch-train.npz"
+    with open(legacy, "wb") as f:
+        np.savez(f, images=np.zeros((4, 1, 32, 32), np.uint8), skipped=np.int64(0))
+    s = load_images("mnist", 32, progress=False)
+    assert s.images.any() and not legacy.exists()
+    assert len(list(cache.glob(f"images-{slug}-*-32px-1ch-train.npz"))) == 1
 
 
 def test_cache_keys_channels_and_labels(tmp_path: Path, cache: Path) -> None:

@@ -235,8 +235,14 @@ def test_inception_missing_package_says_how_to_install(monkeypatch):
 
 @needs_fmnist
 def test_domain_classifier_accuracy_recorded_and_cached(domain, cache_dir):
-    record = json.loads((cache_dir / "classifier-fashion-mnist-32px-1ch.json").read_text())
-    assert (cache_dir / "classifier-fashion-mnist-32px-1ch.safetensors").is_file()
+    from dcgan.classifier import classifier_paths
+
+    weights, meta = classifier_paths("fashion-mnist", 32, 1, cache_dir)
+    record = json.loads(meta.read_text())
+    assert weights.is_file() and weights.name.startswith("classifier-fashion-mnist-")
+    assert weights.name.endswith("-32px-1ch.safetensors")  # the key's digest between
+    assert record["key"]["kind"] == "classifier"
+    assert record["key"]["fields"]["train"].startswith("fashion-mnist-")  # its content digest
     assert record["test_accuracy"] >= 0.90
     assert record["n_test"] == 10000 and record["train_seconds"] > 0
     assert domain.test_accuracy == record["test_accuracy"]
@@ -631,3 +637,91 @@ def test_a_damaged_cached_classifier_is_trained_again(tmp_path, capsys):
     assert again.test_accuracy >= 0.90 and first.test_accuracy >= 0.90
     images = _random_images(8, 1, 32)
     assert again.features(images).shape == (8, 128)
+
+
+def _tiny_mnist(cache: Path, n: int = 256, seed: int = 0) -> None:
+    """Random 28x28 "mnist" IDX files where the named source looks for them: the cache."""
+    rng = np.random.default_rng(seed)
+    shutil.rmtree(cache / "mnist", ignore_errors=True)
+    _idx_folder(cache / "mnist", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                rng.integers(0, 10, n))
+
+
+def test_a_cached_classifier_of_another_key_is_trained_again(tmp_path, capsys, monkeypatch):
+    """Same file names, other content: the key stored in the record decides. A record of
+    the format before keys were stored (no key) is trained again too, and weights that are
+    not the ones the record names are never loaded."""
+    from dcgan import features
+    from dcgan.checkpoint import save_state_dict
+    from dcgan.classifier import ClassifierKey, DomainNet, classifier_paths
+
+    _tiny_mnist(tmp_path)
+    trained = []
+    real_train = features.train_classifier
+    monkeypatch.setattr(features, "train_classifier",
+                        lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    DomainExtractor("mnist", 32, 1, cache_dir=tmp_path, progress=False)
+    weights, meta = classifier_paths("mnist", 32, 1, tmp_path)
+    good = json.loads(meta.read_text())
+    key = ClassifierKey(**good["key"]["fields"])
+    assert weights.name == key.filename(".safetensors") and trained == [1]
+
+    def stale(record):  # another version's classifier under this name
+        record["key"]["fields"]["version"] = 0
+
+    def legacy(record):  # what the code before keys wrote
+        del record["key"], record["weights_sha256"]
+
+    def swapped(record):  # the record is whole, the weights are another network's
+        save_state_dict(DomainNet(1), weights)
+
+    for change, reason in ((stale, "stored key differs"), (legacy, "stored key differs"),
+                           (swapped, "weights differ from their record")):
+        record = json.loads(meta.read_text())
+        change(record)
+        meta.write_text(json.dumps(record))
+        trained.clear()
+        again = DomainExtractor("mnist", 32, 1, cache_dir=tmp_path, progress=False)
+        assert trained == [1], f"{change.__name__}: used instead of trained again"
+        assert f"is damaged ({reason})" in capsys.readouterr().err
+        assert key.matches(json.loads(meta.read_text())["key"])
+    trained.clear()
+    assert DomainExtractor("mnist", 32, 1, cache_dir=tmp_path, progress=False).name == again.name
+    assert trained == []  # the retrained pair is trusted
+    _tiny_mnist(tmp_path, seed=1)  # new files: a new key, so a new name
+    assert classifier_paths("mnist", 32, 1, tmp_path)[0] != weights
+
+
+def test_statistics_of_another_key_are_rebuilt(tmp_path, capsys):
+    """A statistics file holding another key (or none: the format before keys were stored)
+    under the wanted name is rebuilt with the damaged-file warning, never returned."""
+    from dcgan.feature_cache import StatsKey, cached_reference
+
+    key = StatsKey("src", "train", 32, 1, 50, "pixels", "abc")
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(50, 4))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return want, None
+
+    cached_reference(key, compute, tmp_path)
+    path = tmp_path / "stats" / key.filename()
+    other = StatsKey("src", "test", 32, 1, 50, "pixels", "abc")
+    old_format = json.dumps(key.__dict__, sort_keys=True)  # what was stored before
+    for stored in (other.to_json(), old_format, None):
+        arrays = {"features": np.zeros((50, 4), np.float32), "mu": np.zeros(4),
+                  "sigma": np.eye(4)}
+        if stored is not None:
+            arrays["key"] = np.array(stored)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        calls.clear()
+        ref = cached_reference(key, compute, tmp_path)
+        assert calls == [1], f"trusted a file holding {stored!r}"
+        np.testing.assert_array_equal(ref.features, want.astype(np.float32))
+        assert "is damaged (stored key differs)" in capsys.readouterr().err
+    calls.clear()
+    cached_reference(key, compute, tmp_path)
+    assert calls == []  # the rebuilt file is read

@@ -11,7 +11,8 @@ PACKAGE = ROOT / "dcgan"
 # The layers, first to last, as docs/code.md lists them. A module imports only modules of
 # its own layer or of earlier ones.
 LAYERS = [
-    ("foundations", {"errors", "config", "machine", "pixels", "atomic", "dist", "content"}),
+    ("foundations", {"errors", "config", "machine", "pixels", "atomic", "dist", "content",
+                     "cache_key"}),
     ("data", {"sources", "data", "sampler"}),
     ("networks", {"models", "memory", "augment", "losses", "latent", "inception", "engine"}),
     ("step", {"training_stats", "step", "calibrate"}),
