@@ -61,10 +61,12 @@ demo: venv data
 
 test: venv data browser postgres
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Every CUDA path once, within 8 minutes of a lent GPU; report in gpu-check/
 # (`python -m dcgan.gpu_check --dry-run` rehearses it on the CPU).

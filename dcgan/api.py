@@ -66,8 +66,11 @@ class Run:
     @property
     def best(self) -> dict[str, Any] | None:
         """The metrics row with the lowest FID (its snapshot is best.safetensors), or None."""
-        rows = [r for r in self.metrics
-                if isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"])]
+        rows = [
+            r
+            for r in self.metrics
+            if isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"])
+        ]
         return min(rows, key=lambda r: r["fid"]) if rows else None
 
     @property
@@ -84,7 +87,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        """"running", "finished", "stopped" (resume it) or "not started"."""
+        """ "running", "finished", "stopped" (resume it) or "not started"."""
         from dcgan.report import read_run
 
         return read_run(self.path).status
@@ -92,8 +95,10 @@ class Run:
     def generator(self, device: str = "auto", best: bool = False) -> Generator:
         """The run's G-EMA snapshot (or, with best=True, the lowest-FID one)."""
         if best and not self.files.best.is_file():
-            raise UserError(f"{self.path} has no {self.files.best.name} (train with "
-                            "--eval-every to keep the best snapshot)")
+            raise UserError(
+                f"{self.path} has no {self.files.best.name} (train with "
+                "--eval-every to keep the best snapshot)"
+            )
         return load(self.files.best if best else self.path, device)
 
     def report(self, refresh: bool = False) -> Path:
@@ -105,10 +110,16 @@ class Run:
         return self.files.report
 
 
-
-def train(preset: str | None = None, out: str | Path | None = None, *,
-          resume: str | Path | None = None, config: str | Path | None = None,
-          force: bool = False, progress: bool = True, **overrides: Any) -> Run:
+def train(
+    preset: str | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    config: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> Run:
     """Train (or continue) a run, exactly as `dcgan train` does; returns its Run.
 
     preset: fmnist32 (default), dcgan64, color64 or safe128; config: a config file
@@ -126,21 +137,29 @@ def train(preset: str | None = None, out: str | Path | None = None, *,
     from dcgan import launch
 
     if resume and (preset or config):
-        raise UserError("resume continues the run with its own config: leave preset and "
-                        "config out")
+        raise UserError("resume continues the run with its own config: leave preset and config out")
     if "lr" in overrides:  # as the command line's --lr: both rates, unless given
         lr = overrides.pop("lr")
         overrides.setdefault("g_lr", lr)
         overrides.setdefault("d_lr", lr)
-    p = launch.plan(preset or "fmnist32", overrides, config=config, out=out, resume=resume,
-                    force=force)
+    p = launch.plan(
+        preset or "fmnist32", overrides, config=config, out=out, resume=resume, force=force
+    )
     launch.execute(p, progress=progress)
     return Run(p.out)
 
 
-def evaluate(a: str | Path, b: str | Path, metrics: Sequence[str] = ("fid", "kid"),
-             features: str = "inception", n: int = 10000, *, device: str = "auto",
-             json: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    a: str | Path,
+    b: str | Path,
+    metrics: Sequence[str] = ("fid", "kid"),
+    features: str = "inception",
+    n: int = 10000,
+    *,
+    device: str = "auto",
+    json: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Compare image set A (judged) with B (the reference): `dcgan eval A B`'s values.
 
     A and B are each a run folder, a generator file or folder (anything `load` takes),
@@ -158,9 +177,16 @@ def evaluate(a: str | Path, b: str | Path, metrics: Sequence[str] = ("fid", "kid
 
     if isinstance(metrics, str):
         metrics = metrics.split(",")
-    return compare(str(a), str(b), list(metrics), features, n,
-                   device=str(resolve_device(device)),
-                   json_path=str(json) if json else None, progress=progress)
+    return compare(
+        str(a),
+        str(b),
+        list(metrics),
+        features,
+        n,
+        device=str(resolve_device(device)),
+        json_path=str(json) if json else None,
+        progress=progress,
+    )
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 0) -> Path:
@@ -177,8 +203,10 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 0
         images = images if images.dtype == torch.uint8 else pixels.to_uint8(images)
         images = images.cpu().numpy()
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise UserError(f"save_grid takes images (N, 1 or 3, R, R) as uint8 or floats, got "
-                        f"{images.dtype} {tuple(images.shape)}")
+        raise UserError(
+            f"save_grid takes images (N, 1 or 3, R, R) as uint8 or floats, got "
+            f"{images.dtype} {tuple(images.shape)}"
+        )
     path = Path(path)
     atomic.write_bytes(path, pngs.grid_png(images, nrow))
     return path

@@ -50,7 +50,7 @@ def fsync_dir(folder: Path) -> None:
 def _remove_dead_temporaries(path: Path) -> None:
     """Remove `.NAME.HOST.PID.*.tmp` files of writers that died on this host."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        fields = tmp.name[len(path.name) + 2:].split(".")  # HOST, PID, RANDOM, "tmp"
+        fields = tmp.name[len(path.name) + 2 :].split(".")  # HOST, PID, RANDOM, "tmp"
         try:
             if len(fields) == 4 and fields[0] == HOST:
                 dead = not psutil.pid_exists(int(fields[1]))
@@ -69,8 +69,9 @@ def write(path: str | Path, writer: Callable[[str], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST}.{os.getpid()}.",
-                                   suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+        )
         os.close(fd)
         writer(tmp)
         # after the writer: some writers (safetensors) recreate the file, and mkstemp's
@@ -127,12 +128,19 @@ def write_folder(path: str | Path, filler: Callable[[Path], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.{HOST}.*.tmp"):
-            fields = stale.name[len(path.name) + 2:].split(".")  # HOST, PID, RANDOM, "tmp"
-            if (stale.is_dir() and len(fields) == 4 and fields[1].isdigit()
-                    and not psutil.pid_exists(int(fields[1]))):
+            fields = stale.name[len(path.name) + 2 :].split(".")  # HOST, PID, RANDOM, "tmp"
+            if (
+                stale.is_dir()
+                and len(fields) == 4
+                and fields[1].isdigit()
+                and not psutil.pid_exists(int(fields[1]))
+            ):
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{HOST}.{os.getpid()}.",
-                                    suffix=".tmp", dir=path.parent))
+        tmp = Path(
+            tempfile.mkdtemp(
+                prefix=f".{path.name}.{HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+            )
+        )
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would make the folder private
         filler(tmp)
         os.sync()

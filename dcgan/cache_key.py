@@ -42,9 +42,12 @@ class CacheKey:
         # Checked when built, so a key that cannot be stored fails where it is made.
         for name, value in self.fields().items():
             if not isinstance(value, Scalar) or (
-                    isinstance(value, float) and not math.isfinite(value)):
-                raise TypeError(f"{type(self).__name__}.{name} = {value!r}: a cache key "
-                                f"holds str, int, finite float, bool or None")
+                isinstance(value, float) and not math.isfinite(value)
+            ):
+                raise TypeError(
+                    f"{type(self).__name__}.{name} = {value!r}: a cache key "
+                    f"holds str, int, finite float, bool or None"
+                )
 
     def fields(self) -> dict[str, Scalar]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

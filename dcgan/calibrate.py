@@ -64,22 +64,34 @@ class Choice:
     seconds: float = 0.0  # wall time the measurement took
 
     def as_dict(self) -> dict[str, Any]:
-        return {"precision": self.setting.precision, "channels_last": self.setting.channels_last,
-                "how": self.how, "capability": self.capability,
-                "img_per_s": {k: round(v, 1) for k, v in self.img_per_s.items()},
-                "dropped": self.dropped, "seconds": round(self.seconds, 2)}
+        return {
+            "precision": self.setting.precision,
+            "channels_last": self.setting.channels_last,
+            "how": self.how,
+            "capability": self.capability,
+            "img_per_s": {k: round(v, 1) for k, v in self.img_per_s.items()},
+            "dropped": self.dropped,
+            "seconds": round(self.seconds, 2),
+        }
 
     @staticmethod
     def from_dict(d: dict[str, Any], how: str) -> Choice:
-        return Choice(Setting(d["precision"], bool(d["channels_last"])), how, d["capability"],
-                      dict(d["img_per_s"]), list(d["dropped"]), float(d["seconds"]))
+        return Choice(
+            Setting(d["precision"], bool(d["channels_last"])),
+            how,
+            d["capability"],
+            dict(d["img_per_s"]),
+            list(d["dropped"]),
+            float(d["seconds"]),
+        )
 
     def line(self) -> str:
         """One line for the log: the choice, the timings behind it, the CPU level."""
         s = f"auto: {self.setting.name} ({self.how}"
         if self.img_per_s:
-            timings = ", ".join(f"{k} {v:.0f}" for k, v in sorted(
-                self.img_per_s.items(), key=lambda kv: -kv[1]))
+            timings = ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(self.img_per_s.items(), key=lambda kv: -kv[1])
+            )
             s += f"; img/s {timings}"
         if self.dropped:
             s += f"; dropped after one small step: {', '.join(self.dropped)}"
@@ -92,8 +104,11 @@ def candidates(precision: str, channels_last: str, isa: dict[str, Any]) -> list[
     bf16 is a candidate only with native bf16 instructions: elsewhere it is
     emulated and never wins, and one step of it can take most of a minute.
     fp16 is never chosen on the CPU (no fp16 arithmetic to speak of)."""
-    precisions = [precision] if precision != "auto" else (
-        ["fp32", "bf16"] if machine.native_bf16(isa) else ["fp32"])
+    precisions = (
+        [precision]
+        if precision != "auto"
+        else (["fp32", "bf16"] if machine.native_bf16(isa) else ["fp32"])
+    )
     layouts = {"on": [True], "off": [False], "auto": [True, False]}[channels_last]
     return [Setting(p, cl) for p in precisions for cl in layouts]
 
@@ -103,10 +118,15 @@ def candidates(precision: str, channels_last: str, isa: dict[str, Any]) -> list[
 Runner = Callable[[int], None]
 
 
-def measure(steps: dict[str, Runner], batch: int,
-            clock: Callable[[], float] = time.perf_counter, budget_s: float = 10.0,
-            small: int = 8, slower: float = 2.0, max_rounds: int = 4
-            ) -> tuple[dict[str, float], list[str]]:
+def measure(
+    steps: dict[str, Runner],
+    batch: int,
+    clock: Callable[[], float] = time.perf_counter,
+    budget_s: float = 10.0,
+    small: int = 8,
+    slower: float = 2.0,
+    max_rounds: int = 4,
+) -> tuple[dict[str, float], list[str]]:
     """Images/s of each step (called with a batch size), and the names dropped early.
 
     (1) Screen: each candidate runs one warm-up step and one timed step at
@@ -169,11 +189,22 @@ def cache_key(cfg: Config, nc: int, precision: str, channels_last: str) -> Calib
     isa = machine.cpu_isa()
     m, t = cfg.model, cfg.train
     return CalibrationKey(
-        version=CACHE_VERSION, cpu=machine.cpu_model(), capability=str(isa["capability"]),
-        bf16=machine.native_bf16(isa), torch_version=torch.__version__,
-        threads=torch.get_num_threads(), resolution=cfg.data.resolution, nc=nc, nz=m.nz,
-        ngf=m.ngf, ndf=m.ndf, batch=t.batch, d_steps=t.d_steps, precision=precision,
-        channels_last=channels_last)
+        version=CACHE_VERSION,
+        cpu=machine.cpu_model(),
+        capability=str(isa["capability"]),
+        bf16=machine.native_bf16(isa),
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        resolution=cfg.data.resolution,
+        nc=nc,
+        nz=m.nz,
+        ngf=m.ngf,
+        ndf=m.ndf,
+        batch=t.batch,
+        d_steps=t.d_steps,
+        precision=precision,
+        channels_last=channels_last,
+    )
 
 
 def _read_cache(path) -> dict[str, Any]:
@@ -198,8 +229,9 @@ def _cached(path: Path, key: CalibrationKey) -> Choice | None:
 
 def _store(path: Path, key: CalibrationKey, choice: Choice) -> None:
     # Entries without a key (the format before keys were stored) are never read: dropped.
-    entries = {name: e for name, e in _read_cache(path).items()
-               if isinstance(e, dict) and "key" in e}
+    entries = {
+        name: e for name, e in _read_cache(path).items() if isinstance(e, dict) and "key" in e
+    }
     entries[key.digest()] = {"key": key.as_dict(), "choice": choice.as_dict()}
     try:
         atomic.write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
@@ -207,8 +239,9 @@ def _store(path: Path, key: CalibrationKey, choice: Choice) -> None:
         print(f"warning: calibration not cached ({e})", file=sys.stderr)
 
 
-def train_steps(cfg: Config, nc: int, device: torch.device,
-                settings: list[Setting]) -> dict[str, Runner]:
+def train_steps(
+    cfg: Config, nc: int, device: torch.device, settings: list[Setting]
+) -> dict[str, Runner]:
     """One real Algorithm-1 iteration per call for each setting, on random images.
 
     Eager even when the run compiles: the ranking of precisions and layouts is
@@ -216,9 +249,14 @@ def train_steps(cfg: Config, nc: int, device: torch.device,
     r = cfg.data.resolution
     steps = {}
     for s in settings:
-        c = apply_overrides(cfg, {"precision": s.precision,
-                                  "channels_last": "on" if s.channels_last else "off",
-                                  "compile": False})
+        c = apply_overrides(
+            cfg,
+            {
+                "precision": s.precision,
+                "channels_last": "on" if s.channels_last else "off",
+                "compile": False,
+            },
+        )
         gan = build_gan(c, nc, device, precision=s.precision)
 
         def step(b: int, gan=gan) -> None:
@@ -229,8 +267,9 @@ def train_steps(cfg: Config, nc: int, device: torch.device,
     return steps
 
 
-def resolve(cfg: Config, nc: int, device: torch.device, cache_dir: str = "",
-            use_cache: bool = True) -> Choice:
+def resolve(
+    cfg: Config, nc: int, device: torch.device, cache_dir: str = "", use_cache: bool = True
+) -> Choice:
     """Settle cfg.train.precision and cfg.train.channels_last for this machine."""
     from dcgan.data import cache_root
 
@@ -238,8 +277,11 @@ def resolve(cfg: Config, nc: int, device: torch.device, cache_dir: str = "",
     isa = machine.cpu_isa()
     cap = str(isa["capability"])
     if device.type == "cuda":
-        p = t.precision if t.precision != "auto" else (
-            "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        p = (
+            t.precision
+            if t.precision != "auto"
+            else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        )
         how = "rule" if "auto" in (t.precision, t.channels_last) else "fixed"
         return Choice(Setting(p, t.channels_last != "off"), how, "cuda")
     if t.engine == "scratch":  # the engine computes in fp32, NCHW
@@ -252,14 +294,21 @@ def resolve(cfg: Config, nc: int, device: torch.device, cache_dir: str = "",
     key = cache_key(cfg, nc, t.precision, t.channels_last)
     if use_cache and (cached := _cached(path, key)) is not None:
         return cached
-    print(f"auto: timing {len(cands)} settings on this CPU ({cap}; about 10 s, once)",
-          file=sys.stderr)
+    print(
+        f"auto: timing {len(cands)} settings on this CPU ({cap}; about 10 s, once)", file=sys.stderr
+    )
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the run's own RNG stream stays untouched
         rates, dropped = measure(train_steps(cfg, nc, device, cands), t.batch)
     best = max(rates, key=lambda n: rates[n] if n not in dropped else -1.0)
-    choice = Choice(next(s for s in cands if s.name == best), "measured", cap, rates, dropped,
-                    time.perf_counter() - t0)
+    choice = Choice(
+        next(s for s in cands if s.name == best),
+        "measured",
+        cap,
+        rates,
+        dropped,
+        time.perf_counter() - t0,
+    )
     if use_cache:
         _store(path, key, choice)
     return choice
@@ -267,6 +316,10 @@ def resolve(cfg: Config, nc: int, device: torch.device, cache_dir: str = "",
 
 def apply(cfg: Config, choice: Choice) -> Config:
     """cfg with the resolved precision and layout written in (what config.json records)."""
-    return apply_overrides(cfg, {"precision": choice.setting.precision,
-                                 "channels_last": "on" if choice.setting.channels_last
-                                 else "off"})
+    return apply_overrides(
+        cfg,
+        {
+            "precision": choice.setting.precision,
+            "channels_last": "on" if choice.setting.channels_last else "off",
+        },
+    )

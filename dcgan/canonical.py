@@ -49,16 +49,26 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # the unpickler's refusal, a damaged or foreign file
         text = str(e)
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        why = (f"it would call {refused.group(1)}" if refused
-               else (text.splitlines() or [type(e).__name__])[0][:200])
-        raise UserError(f"{path}: not read: torch.load(weights_only=True) accepts only "
-                        f"tensors and plain containers ({why}); nothing in it was run") from None
+        why = (
+            f"it would call {refused.group(1)}"
+            if refused
+            else (text.splitlines() or [type(e).__name__])[0][:200]
+        )
+        raise UserError(
+            f"{path}: not read: torch.load(weights_only=True) accepts only "
+            f"tensors and plain containers ({why}); nothing in it was run"
+        ) from None
     if isinstance(obj, dict) and obj.get("format") == "dcgan-state-1":
         raise UserError(f"{path} is a dcgan training state: load its run folder instead")
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise UserError(f"{path} does not hold a state_dict (a dict of named tensors, as "
-                        "torch.save(netG.state_dict(), ...) writes)")
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise UserError(
+            f"{path} does not hold a state_dict (a dict of named tensors, as "
+            "torch.save(netG.state_dict(), ...) writes)"
+        )
     if all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
@@ -67,12 +77,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def infer_shape(sd: dict[str, torch.Tensor], path: Path) -> tuple[int, int, int]:
     """(nz, ngf, nc) from the first and last transposed convolutions' weights."""
     if "main.11.weight" in sd and "main.12.weight" not in sd:
-        raise UserError(f"{path} holds a discriminator's weights (netD); import the "
-                        "generator's file (netG_epoch_N.pth)")
+        raise UserError(
+            f"{path} holds a discriminator's weights (netD); import the "
+            "generator's file (netG_epoch_N.pth)"
+        )
     first, last = sd.get("main.0.weight"), sd.get("main.12.weight")
     if first is None or last is None or first.dim() != 4 or last.dim() != 4:
-        raise UserError(f"{path} is not a generator of the canonical PyTorch DCGAN example "
-                        "(no 4-d main.0.weight and main.12.weight)")
+        raise UserError(
+            f"{path} is not a generator of the canonical PyTorch DCGAN example "
+            "(no 4-d main.0.weight and main.12.weight)"
+        )
     nz, ngf, nc = int(first.shape[0]), int(last.shape[0]), int(last.shape[1])
     if nc not in (1, 3):
         raise UserError(f"{path}: main.12.weight makes {nc} channels; dcgan takes 1 or 3")
@@ -91,16 +105,29 @@ def read(path: str | Path) -> tuple[models.Generator, dict[str, Any]]:
             sd[key] = torch.zeros_like(tensor)
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or extra:
-        raise UserError(f"{path} is not the canonical 64x64 generator for nz {nz}, ngf {ngf}, "
-                        f"nc {nc}: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise UserError(
+            f"{path} is not the canonical 64x64 generator for nz {nz}, ngf {ngf}, "
+            f"nc {nc}: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     for key, tensor in want.items():
         if sd[key].shape != tensor.shape:
-            raise UserError(f"{path}: {key} has shape {tuple(sd[key].shape)}, expected "
-                            f"{tuple(tensor.shape)} for nz {nz}, ngf {ngf}, nc {nc}")
+            raise UserError(
+                f"{path}: {key} has shape {tuple(sd[key].shape)}, expected "
+                f"{tuple(tensor.shape)} for nz {nz}, ngf {ngf}, nc {nc}"
+            )
     g.load_state_dict(sd)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    meta = {"nz": nz, "ngf": ngf, "nc": nc, "resolution": RESOLUTION, "g_dropout": 0.0,
-            "dataset": UNKNOWN, "kimg": 0.0, "imported_from": path.name, "sha256": digest}
+    meta = {
+        "nz": nz,
+        "ngf": ngf,
+        "nc": nc,
+        "resolution": RESOLUTION,
+        "g_dropout": 0.0,
+        "dataset": UNKNOWN,
+        "kimg": 0.0,
+        "imported_from": path.name,
+        "sha256": digest,
+    }
     return g.eval(), meta
 
 
@@ -119,8 +146,10 @@ def import_run(path: str | Path, out: str | Path, dataset: str = UNKNOWN) -> Pat
         raise UserError(f"--out {out} already exists and is not empty: give a new folder")
     g, meta = read(path)
     meta["dataset"] = dataset
-    cfg = from_preset("dcgan64", {"nz": meta["nz"], "ngf": meta["ngf"],
-                                  "channels": meta["nc"], "dataset": dataset})
+    cfg = from_preset(
+        "dcgan64",
+        {"nz": meta["nz"], "ngf": meta["ngf"], "channels": meta["nc"], "dataset": dataset},
+    )
     run = RunDir(out)
     # the grid a run shows at every tick: N_FIXED latents of the config's seed
     z = torch.randn(N_FIXED, meta["nz"], generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -128,8 +157,15 @@ def import_run(path: str | Path, out: str | Path, dataset: str = UNKNOWN) -> Pat
     atomic.write_text(run.config, cfg.to_json() + "\n")
     checkpoint.save_generator(g, meta, run.snapshot)
     atomic.write_bytes(run.grid(0), grid)
-    event = {"event": "imported", "kimg": 0.0, "from": str(Path(path).resolve()),
-             "sha256": meta["sha256"], "nz": meta["nz"], "ngf": meta["ngf"], "nc": meta["nc"],
-             "time": time.time()}
+    event = {
+        "event": "imported",
+        "kimg": 0.0,
+        "from": str(Path(path).resolve()),
+        "sha256": meta["sha256"],
+        "nz": meta["nz"],
+        "ngf": meta["ngf"],
+        "nc": meta["nc"],
+        "time": time.time(),
+    }
     atomic.write_text(run.events, json.dumps(event) + "\n")
     return out

@@ -33,8 +33,11 @@ def save_state(state: dict[str, Any], path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    wrapped = {"format": "dcgan-state-1", "sha256": hashlib.sha256(payload).hexdigest(),
-               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    wrapped = {
+        "format": "dcgan-state-1",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
     atomic.write(Path(path), lambda tmp: torch.save(wrapped, tmp))
 
 
@@ -75,8 +78,9 @@ def snapshot_path(path: str | Path) -> Path:
     if path.is_dir():
         path = path / SNAPSHOT
     if not path.is_file():
-        raise UserError(f"no generator snapshot at {path} (expected a run folder or a "
-                        f"{SNAPSHOT} file)")
+        raise UserError(
+            f"no generator snapshot at {path} (expected a run folder or a {SNAPSHOT} file)"
+        )
     return path
 
 
@@ -89,21 +93,26 @@ def _check_meta(path: Path, meta: object) -> None:
     """Metadata of the right JSON types, so that no reader fails later on a "100" or a
     null: a snapshot is a file a user may have edited or received from anyone."""
     if not isinstance(meta, dict):
-        raise UserError(f"{path} does not hold a dcgan generator: its metadata is not an "
-                        "object")
+        raise UserError(f"{path} does not hold a dcgan generator: its metadata is not an object")
     for key in (*_META_INTS, *_META_NUMBERS):
         value = meta.get(key)
         want_int = key in _META_INTS
-        ok = (isinstance(value, int) if want_int else isinstance(value, (int, float))) and (
-            not isinstance(value, bool)) and (value > 0 if want_int else value >= 0)
+        ok = (
+            (isinstance(value, int) if want_int else isinstance(value, (int, float)))
+            and (not isinstance(value, bool))
+            and (value > 0 if want_int else value >= 0)
+        )
         if not ok:
             kind = "a positive integer" if want_int else "a number >= 0"
-            raise UserError(f"{path} does not hold a dcgan generator: metadata {key} must be "
-                            f"{kind}, got {value!r}")
+            raise UserError(
+                f"{path} does not hold a dcgan generator: metadata {key} must be "
+                f"{kind}, got {value!r}"
+            )
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu"
-                   ) -> tuple[Generator, dict[str, Any]]:
+def load_generator(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Generator, dict[str, Any]]:
     """Load a snapshot (or a run folder's) into an eval-mode Generator; returns (G, meta).
 
     meta holds at least nz, ngf, nc, resolution, g_dropout, kimg and dataset.
@@ -117,13 +126,17 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
         raise UserError(f"{path} is not a dcgan generator snapshot: {e}") from e
     _check_meta(path, meta)
     try:
-        g = Generator(meta["nz"], meta["ngf"], meta["nc"], meta["resolution"],
-                      float(meta["g_dropout"]))
+        g = Generator(
+            meta["nz"], meta["ngf"], meta["nc"], meta["resolution"], float(meta["g_dropout"])
+        )
         g.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         # a safetensors file of the right format whose metadata or weights are not a
         # dcgan G's (missing keys, other shapes): one line, not a traceback
-        what = f"missing metadata {e}" if isinstance(e, KeyError) else (
-            str(e).splitlines() or [type(e).__name__])[0]
+        what = (
+            f"missing metadata {e}"
+            if isinstance(e, KeyError)
+            else (str(e).splitlines() or [type(e).__name__])[0]
+        )
         raise UserError(f"{path} does not hold a dcgan generator: {what}") from e
     return g.to(device).eval(), meta

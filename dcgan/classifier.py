@@ -50,8 +50,11 @@ class DomainNet(nn.Module):
         w = width
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         # (nc) x 32 x 32 -> (w) x 16 x 16 -> (2w) x 8 x 8 -> (4w) x 4 x 4
         self.conv = nn.Sequential(*block(nc, w), *block(w, 2 * w), *block(2 * w, 4 * w))
@@ -64,8 +67,13 @@ class DomainNet(nn.Module):
             if x.shape[-1] % CLASSIFIER_INPUT == 0:
                 x = F.adaptive_avg_pool2d(x, CLASSIFIER_INPUT)
             else:
-                x = F.interpolate(x, size=(CLASSIFIER_INPUT, CLASSIFIER_INPUT),
-                                  mode="bilinear", align_corners=False, antialias=True)
+                x = F.interpolate(
+                    x,
+                    size=(CLASSIFIER_INPUT, CLASSIFIER_INPUT),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )
         h = F.relu(self.fc(self.conv(x).flatten(1)))  # (B, 128) penultimate features
         return h, self.head(self.drop(h))
 
@@ -83,12 +91,15 @@ class ClassifierKey(CacheKey):
     version: int = CLASSIFIER_VERSION
 
     def readable(self) -> tuple[str, str]:
-        return (f"classifier-{safe_name(Path(self.source).name or 'source')}",
-                f"-{self.resolution}px-{self.channels}ch")
+        return (
+            f"classifier-{safe_name(Path(self.source).name or 'source')}",
+            f"-{self.resolution}px-{self.channels}ch",
+        )
 
 
-def _key_and_files(source: str, resolution: int, channels: int,
-                   cache_dir: str | Path) -> tuple[ClassifierKey, Path, Path]:
+def _key_and_files(
+    source: str, resolution: int, channels: int, cache_dir: str | Path
+) -> tuple[ClassifierKey, Path, Path]:
     from dcgan import sources
     from dcgan.data import cache_root
 
@@ -114,8 +125,9 @@ def _problem(key: ClassifierKey, weights: Path, meta: Path) -> str:
     return ""
 
 
-def classifier_paths(source: str, resolution: int, channels: int,
-                     cache_dir: str | Path = "") -> tuple[Path, Path]:
+def classifier_paths(
+    source: str, resolution: int, channels: int, cache_dir: str | Path = ""
+) -> tuple[Path, Path]:
     """(weights, record) of the classifier cached for these arguments.
 
     A pair that is there but not this key's whole and unchanged files is removed
@@ -124,16 +136,25 @@ def classifier_paths(source: str, resolution: int, channels: int,
     """
     key, weights, meta = _key_and_files(source, resolution, channels, cache_dir)
     if weights.is_file() and meta.is_file() and (problem := _problem(key, weights, meta)):
-        print(f"warning: the cached classifier {weights} is damaged ({problem}); training it "
-              "again", file=sys.stderr)
+        print(
+            f"warning: the cached classifier {weights} is damaged ({problem}); training it again",
+            file=sys.stderr,
+        )
         weights.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
     return weights, meta
 
 
-def train_classifier(source: str, resolution: int, channels: int, cache_dir: str | Path = "",
-                     epochs: float = 2.0, batch: int = 128, seed: int = 0,
-                     progress: bool = True) -> dict[str, Any]:
+def train_classifier(
+    source: str,
+    resolution: int,
+    channels: int,
+    cache_dir: str | Path = "",
+    epochs: float = 2.0,
+    batch: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train the domain classifier on `source`'s train split, test it, cache both files.
 
     Returns the record written beside the weights (test accuracy, training time, ...).
@@ -142,13 +163,16 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
 
     # The key of the files as they are before training: a change meanwhile retrains next time.
     key, weights, meta = _key_and_files(source, resolution, channels, cache_dir)
-    train = load_images(source, resolution, channels, split="train", cache_dir=str(cache_dir),
-                        progress=progress)
-    test = load_images(source, resolution, channels, split="test", cache_dir=str(cache_dir),
-                       progress=progress)
+    train = load_images(
+        source, resolution, channels, split="train", cache_dir=str(cache_dir), progress=progress
+    )
+    test = load_images(
+        source, resolution, channels, split="test", cache_dir=str(cache_dir), progress=progress
+    )
     if train.labels is None or test.labels is None:
-        raise UserError(f"{source} has no labels: the domain classifier needs fashion-mnist "
-                        f"or mnist")
+        raise UserError(
+            f"{source} has no labels: the domain classifier needs fashion-mnist or mnist"
+        )
     nc = train.images.shape[1]
     classes = int(max(train.labels.max(), test.labels.max())) + 1
     torch.manual_seed(seed)
@@ -164,14 +188,15 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
     t0 = time.perf_counter()
     net.train()
     step = 0
-    with tqdm(total=steps, desc=f"classifier {source} {resolution}px", disable=not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=steps, desc=f"classifier {source} {resolution}px", disable=not progress, leave=False
+    ) as bar:
         while step < steps:
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n - batch + 1, batch):
                 if step == steps:
                     break
-                idx = perm[i:i + batch]
+                idx = perm[i : i + batch]
                 _, logits = net(from_uint8(x_train[idx]))
                 loss = F.cross_entropy(logits, y_train[idx])
                 opt.zero_grad(set_to_none=True)
@@ -185,13 +210,20 @@ def train_classifier(source: str, resolution: int, channels: int, cache_dir: str
     correct = 0
     with torch.no_grad():
         for i in range(0, test.images.shape[0], 1000):
-            _, logits = net(from_uint8(torch.from_numpy(test.images[i:i + 1000])))
-            correct += int((logits.argmax(1).numpy() == test.labels[i:i + 1000]).sum())
+            _, logits = net(from_uint8(torch.from_numpy(test.images[i : i + 1000])))
+            correct += int((logits.argmax(1).numpy() == test.labels[i : i + 1000]).sum())
     record = {
-        "source": source, "resolution": resolution, "channels": nc, "classes": classes,
-        "version": CLASSIFIER_VERSION, "test_accuracy": correct / test.images.shape[0],
-        "n_train": int(n), "n_test": int(test.images.shape[0]), "epochs": epochs,
-        "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
+        "source": source,
+        "resolution": resolution,
+        "channels": nc,
+        "classes": classes,
+        "version": CLASSIFIER_VERSION,
+        "test_accuracy": correct / test.images.shape[0],
+        "n_train": int(n),
+        "n_test": int(test.images.shape[0]),
+        "epochs": epochs,
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     checkpoint.save_state_dict(net, weights)

@@ -36,13 +36,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if name in CHOICES:
             help_ = f"{section}.{name}: {one_of(CHOICES[name])} (default {default!r})"
         if f.type is bool or name in TRISTATE:
-            p.add_argument(flag, dest=f"cfg_{name}", nargs="?", const="true", metavar="BOOL",
-                           help=help_)
+            p.add_argument(
+                flag, dest=f"cfg_{name}", nargs="?", const="true", metavar="BOOL", help=help_
+            )
         else:
-            p.add_argument(flag, dest=f"cfg_{name}", metavar=f.type.__name__.upper(),
-                           help=help_)
-    p.add_argument("--lr", dest="lr_both", metavar="FLOAT",
-                   help="learning rate of both networks (sets --g-lr and --d-lr)")
+            p.add_argument(flag, dest=f"cfg_{name}", metavar=f.type.__name__.upper(), help=help_)
+    p.add_argument(
+        "--lr",
+        dest="lr_both",
+        metavar="FLOAT",
+        help="learning rate of both networks (sets --g-lr and --d-lr)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -60,30 +64,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the run-folder logic (resume, torchrun restarts, the lock) is dcgan.launch's, which
     # dcgan.train() calls too
     if args.resume and (args.preset or args.config):
-        raise UserError("--resume continues the run with its own config: leave out "
-                        f"{'--preset' if args.preset else '--config'}")
+        raise UserError(
+            "--resume continues the run with its own config: leave out "
+            f"{'--preset' if args.preset else '--config'}"
+        )
     if args.preset and args.config:
         raise UserError("give --preset or --config, not both (flags override either)")
-    p = launch.plan(args.preset or "fmnist32", _overrides(args), config=args.config,
-                    out=args.out,
-                    resume=args.resume, force=args.force)
+    p = launch.plan(
+        args.preset or "fmnist32",
+        _overrides(args),
+        config=args.config,
+        out=args.out,
+        resume=args.resume,
+        force=args.force,
+    )
     if args.dry_run:
         print(p.cfg.to_json())
         return 0
     last = launch.execute(p, progress=not args.quiet)
     out = p.out
-    state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else (
-        "done")
+    state = "stopped early; continue with --resume " + str(out) if last.get("stopped") else ("done")
     run = RunDir(out)
-    files = [(run.grid(0).parent.name + "/fakesNNNNNNNNN.png",
-              "fixed-noise grid per tick (G-EMA; NNNNNNNNN = images)"),
-             (run.losses.name, "loss and D-output curves"),
-             (run.stats.name, "one JSON line per tick"),
-             (run.snapshot.name, "G-EMA snapshot (dcgan sample / eval)"),
-             (run.checkpoint.name, "full training state (--resume)"),
-             (run.config.name, "resolved config")]
-    print(f"{state} at {last.get('kimg', 0)} kimg. In {out}:\n"
-          + "\n".join(f"  {name:<27}{what}" for name, what in files), file=sys.stderr)
+    files = [
+        (
+            run.grid(0).parent.name + "/fakesNNNNNNNNN.png",
+            "fixed-noise grid per tick (G-EMA; NNNNNNNNN = images)",
+        ),
+        (run.losses.name, "loss and D-output curves"),
+        (run.stats.name, "one JSON line per tick"),
+        (run.snapshot.name, "G-EMA snapshot (dcgan sample / eval)"),
+        (run.checkpoint.name, "full training state (--resume)"),
+        (run.config.name, "resolved config"),
+    ]
+    print(
+        f"{state} at {last.get('kimg', 0)} kimg. In {out}:\n"
+        + "\n".join(f"  {name:<27}{what}" for name, what in files),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -100,16 +117,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from dcgan.pngs import write_samples
 
         if args.interpolate or args.arithmetic:
-            raise UserError("--out-dir writes plain samples: leave out --interpolate and "
-                            "--arithmetic (or write their grid with --out)")
-        write_samples(g, args.n, args.out_dir, args.seed, args.truncation,
-                      progress=not args.quiet)
-        print(f"wrote {args.n} PNG files ({meta['resolution']}px, {meta['kimg']} kimg, seed "
-              f"{args.seed}) to {args.out_dir}")
+            raise UserError(
+                "--out-dir writes plain samples: leave out --interpolate and "
+                "--arithmetic (or write their grid with --out)"
+            )
+        write_samples(g, args.n, args.out_dir, args.seed, args.truncation, progress=not args.quiet)
+        print(
+            f"wrote {args.n} PNG files ({meta['resolution']}px, {meta['kimg']} kimg, seed "
+            f"{args.seed}) to {args.out_dir}"
+        )
         return 0
     if args.interpolate:
-        images = latent.interpolation_grid(g, nz, args.interpolate, args.steps, args.seed,
-                                           args.truncation)
+        images = latent.interpolation_grid(
+            g, nz, args.interpolate, args.steps, args.seed, args.truncation
+        )
         nrow, what = args.steps, f"{args.interpolate} interpolations of {args.steps} steps"
     elif args.arithmetic:
         a, b, c = latent.parse_arithmetic(args.arithmetic, args.n)
@@ -130,12 +151,17 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
     data = load_images(args.source, args.resolution, args.channels, split=args.split)
     n, c, r, _ = data.images.shape
-    preview = Path(args.preview) if args.preview else (
-        cache_root() / "previews" / f"{Path(data.source).name}-{data.split}-{r}px-{c}ch.png")
+    preview = (
+        Path(args.preview)
+        if args.preview
+        else (cache_root() / "previews" / f"{Path(data.source).name}-{data.split}-{r}px-{c}ch.png")
+    )
     save_grid(data.images[:64], preview)
     labels = "none" if data.labels is None else f"{len(set(data.labels.tolist()))} classes"
-    print(f"source:  {data.source} ({data.split})\nimages:  {n}\nshape:   {c} x {r} x {r} "
-          f"uint8\nlabels:  {labels}\nskipped: {data.skipped}\npreview: {preview}")
+    print(
+        f"source:  {data.source} ({data.split})\nimages:  {n}\nshape:   {c} x {r} x {r} "
+        f"uint8\nlabels:  {labels}\nskipped: {data.skipped}\npreview: {preview}"
+    )
     return 0
 
 
@@ -150,8 +176,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dcgan.api import evaluate
     from dcgan.eval_table import format_table
 
-    result = evaluate(args.a, args.b, _csv(args.metrics), args.features, args.n,
-                      device=args.device, json=args.json, progress=not args.quiet)
+    result = evaluate(
+        args.a,
+        args.b,
+        _csv(args.metrics),
+        args.features,
+        args.n,
+        device=args.device,
+        json=args.json,
+        progress=not args.quiet,
+    )
     print(format_table(result))
     if args.json:
         print(f"wrote {args.json}")
@@ -162,8 +196,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from dcgan.transfer import format_table, run_transfer
 
     labels = list(_csv(args.labels))  # counts or "all", checked by run_transfer
-    result = run_transfer(args.run, labels, args.source, args.draws, args.device,
-                          progress=not args.quiet)
+    result = run_transfer(
+        args.run, labels, args.source, args.draws, args.device, progress=not args.quiet
+    )
     print(format_table(result))
     if args.json:
         atomic.write_text(args.json, json.dumps(result, indent=1) + "\n")
@@ -184,36 +219,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.train.device)
     nc = cfg.data.channels or (1 if cfg.data.dataset in LABELLED else 3)
     choice = calibrate.resolve(cfg, nc, device, cfg.data.cache_dir)
-    facts["auto"] = {"preset": args.preset, "device": str(device), **choice.as_dict(),
-                     "native_bf16_rule": machine.native_bf16(facts["cpu"])}
+    facts["auto"] = {
+        "preset": args.preset,
+        "device": str(device),
+        **choice.as_dict(),
+        "native_bf16_rule": machine.native_bf16(facts["cpu"]),
+    }
     if args.json:
         print(json.dumps(facts, indent=1))
         return 0
     c = facts["cpu"]
     isa = ", ".join(k for k in ("avx2", "avx512", "avx512_bf16", "amx") if c[k]) or "none"
     mem = f"{facts['memory_gib']} GiB" if facts["memory_gib"] is not None else "unknown"
-    print(f"CPU        {c['model']}: {c['cores']} cores, torch uses {c['threads']} threads\n"
-          f"ISA        torch dispatch {c['capability']}; has {isa} "
-          f"({machine.isa_label(c)})\n"
-          f"memory     {mem}\n"
-          f"versions   python {facts['python']}, torch {facts['torch']}, "
-          f"CUDA {facts['cuda'] or '-'}, cuDNN {facts['cudnn'] or '-'}")
+    print(
+        f"CPU        {c['model']}: {c['cores']} cores, torch uses {c['threads']} threads\n"
+        f"ISA        torch dispatch {c['capability']}; has {isa} "
+        f"({machine.isa_label(c)})\n"
+        f"memory     {mem}\n"
+        f"versions   python {facts['python']}, torch {facts['torch']}, "
+        f"CUDA {facts['cuda'] or '-'}, cuDNN {facts['cudnn'] or '-'}"
+    )
     for g in facts["gpus"]:
-        print(f"GPU {g['index']}      {g['name']}: {g['memory_gib']} GiB, compute "
-              f"{g['capability']}, bf16 {'yes' if g['bf16'] else 'no'}")
+        print(
+            f"GPU {g['index']}      {g['name']}: {g['memory_gib']} GiB, compute "
+            f"{g['capability']}, bf16 {'yes' if g['bf16'] else 'no'}"
+        )
     if not facts["gpus"]:
         print("GPU        none (CUDA available: no)" if not torch.cuda.is_available() else "")
     if facts["auto"]["native_bf16_rule"]:
         why = "bf16 is a candidate: native bf16 instructions"
     elif c["avx512_bf16"] or c["amx"]:
-        why = (f"bf16 is not a candidate: torch dispatches to {c['capability']} kernels here "
-               "(ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA), so bf16 would be emulated")
+        why = (
+            f"bf16 is not a candidate: torch dispatches to {c['capability']} kernels here "
+            "(ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA), so bf16 would be emulated"
+        )
     else:
         why = "bf16 is not a candidate: no native bf16 instructions (it would be emulated)"
     if device.type == "cuda":
         why = "CUDA: bf16 where the GPU supports it, else fp16 with loss scalers"
-    print(f"auto       {choice.line()}\n"
-          f"           for --preset {args.preset} on {device}; {why}")
+    print(f"auto       {choice.line()}\n           for --preset {args.preset} on {device}; {why}")
     return 0
 
 
@@ -230,10 +274,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # --dataset / --resolution pin those fields like --fix; bad values: the config's message
     fixed, base = tune.base_config(args.preset, args.fix, args.dataset, args.resolution)
     space = tune.load_space(args.space, fixed, base)
-    settings = tune.Settings(args.preset, args.trials, args.kimg, args.eval_features,
-                             args.eval_n, args.eval_every, args.pruner, args.seed, args.device)
-    tune.tune(args.out, settings, space, fixed, args.storage, not args.quiet,
-              args.heartbeat, 3 * args.heartbeat)
+    settings = tune.Settings(
+        args.preset,
+        args.trials,
+        args.kimg,
+        args.eval_features,
+        args.eval_n,
+        args.eval_every,
+        args.pruner,
+        args.seed,
+        args.device,
+    )
+    tune.tune(
+        args.out,
+        settings,
+        space,
+        fixed,
+        args.storage,
+        not args.quiet,
+        args.heartbeat,
+        3 * args.heartbeat,
+    )
     print(tune.summary(args.out, args.storage))
     return 0
 
@@ -269,8 +330,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     out = import_run(args.checkpoint, args.out, args.dataset)
     meta = load(out, "cpu").meta
-    print(f"imported {args.checkpoint} (nz {meta['nz']}, ngf {meta['ngf']}, nc {meta['nc']}, "
-          f"64px) as the run folder {out}: dcgan sample, eval, export and report read it")
+    print(
+        f"imported {args.checkpoint} (nz {meta['nz']}, ngf {meta['ngf']}, nc {meta['nc']}, "
+        f"64px) as the run folder {out}: dcgan sample, eval, export and report read it"
+    )
     return 0
 
 
@@ -278,12 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcgan", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a DCGAN",
-                       description="Train a DCGAN. Every config field is a flag.")
+    t = sub.add_parser(
+        "train", help="train a DCGAN", description="Train a DCGAN. Every config field is a flag."
+    )
     t.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default fmnist32)")
-    t.add_argument("--config", metavar="FILE.json",
-                   help="a config file (config.json of a run, dcgan tune's best.json) instead "
-                   "of --preset; flags given with it override it")
+    t.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="a config file (config.json of a run, dcgan tune's best.json) instead "
+        "of --preset; flags given with it override it",
+    )
     t.add_argument("--out", help="run folder (default runs/PRESET-DATE)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run (optionally --kimg TOTAL)")
     t.add_argument("--force", action="store_true", help="overwrite a run folder in use")
@@ -293,22 +360,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="write a grid of samples from a run's generator")
-    s.add_argument("run", help="run folder, generator.safetensors, a folder of dcgan export "
-                   "--format hf (or hf://OWNER/NAME), or a canonical example's netG_*.pth")
+    s.add_argument(
+        "run",
+        help="run folder, generator.safetensors, a folder of dcgan export "
+        "--format hf (or hf://OWNER/NAME), or a canonical example's netG_*.pth",
+    )
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples.png")
-    s.add_argument("--truncation", type=float, default=0.0,
-                   help="redraw latent entries with |z| above this (0: plain normal)")
-    s.add_argument("--interpolate", type=int, default=0, metavar="K",
-                   help="K rows of spherical interpolation between pairs of latents")
+    s.add_argument(
+        "--truncation",
+        type=float,
+        default=0.0,
+        help="redraw latent entries with |z| above this (0: plain normal)",
+    )
+    s.add_argument(
+        "--interpolate",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K rows of spherical interpolation between pairs of latents",
+    )
     s.add_argument("--steps", type=int, default=8, help="images per interpolation row")
-    s.add_argument("--arithmetic", metavar="A:B:C",
-                   help="vector arithmetic mean(A) - mean(B) + mean(C) on grid indices of the "
-                   "same --n and --seed, e.g. 3,10,22:5,9,40:1,2,8")
-    s.add_argument("--out-dir", metavar="DIR",
-                   help="instead of a grid: one PNG per image, DIR/00000.png ... (lossless; "
-                   "the bytes dcgan eval scores), for clean-fid, torch-fidelity, pytorch-fid")
+    s.add_argument(
+        "--arithmetic",
+        metavar="A:B:C",
+        help="vector arithmetic mean(A) - mean(B) + mean(C) on grid indices of the "
+        "same --n and --seed, e.g. 3,10,22:5,9,40:1,2,8",
+    )
+    s.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        help="instead of a grid: one PNG per image, DIR/00000.png ... (lossless; "
+        "the bytes dcgan eval scores), for clean-fid, torch-fidelity, pytorch-fid",
+    )
     s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar (--out-dir)")
     s.set_defaults(func=cmd_sample)
@@ -319,10 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dcgan import metric_registry  # the metrics' names and help: one registry
 
-    e = sub.add_parser("eval", help=f"{','.join(metric_registry.REGISTRY)} between A and B",
-                       description="Compare two image sets. A and B are run folders, "
-                       "generator snapshots or data sources with a split "
-                       "(fashion-mnist:train, fashion-mnist:test, emoji, a folder).")
+    e = sub.add_parser(
+        "eval",
+        help=f"{','.join(metric_registry.REGISTRY)} between A and B",
+        description="Compare two image sets. A and B are run folders, "
+        "generator snapshots or data sources with a split "
+        "(fashion-mnist:train, fashion-mnist:test, emoji, a folder).",
+    )
     e.add_argument("a")
     e.add_argument("b")
     e.add_argument("--metrics", default="fid,kid,pr", help=metric_registry.help_text())
@@ -343,80 +431,120 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_transfer)
 
-    i = sub.add_parser("info", help="the machine, and what auto settings resolve to here",
-                       description="CPU model and ISA level, memory, versions, GPUs, and the "
-                       "precision and memory format that `auto` picks for a preset's model "
-                       "(measured once, then cached).")
+    i = sub.add_parser(
+        "info",
+        help="the machine, and what auto settings resolve to here",
+        description="CPU model and ISA level, memory, versions, GPUs, and the "
+        "precision and memory format that `auto` picks for a preset's model "
+        "(measured once, then cached).",
+    )
     i.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
     i.add_argument("--json", action="store_true", help="print JSON instead")
     _add_config_flags(i)
     i.set_defaults(func=cmd_info)
 
-    tu = sub.add_parser("tune", help="hyper-parameter search with Optuna",
-                        description="Run an Optuna study whose trials are ordinary run folders "
-                        "under --out; FID of G-EMA is the objective. Start the same command on "
-                        "several machines with one --storage URL to share the study.")
+    tu = sub.add_parser(
+        "tune",
+        help="hyper-parameter search with Optuna",
+        description="Run an Optuna study whose trials are ordinary run folders "
+        "under --out; FID of G-EMA is the objective. Start the same command on "
+        "several machines with one --storage URL to share the study.",
+    )
     tu.add_argument("--preset", default="fmnist32", help=f"one of {', '.join(PRESETS)}")
     tu.add_argument("--out", help="the study folder (trials, study.db, best.json, plots)")
     tu.add_argument("--trials", type=int, default=40, help="trials in the study, all workers")
     tu.add_argument("--kimg", type=float, default=60.0, help="length of each trial")
-    tu.add_argument("--eval-every", type=float, default=10.0,
-                    help="kimg between the FIDs reported to the pruner")
+    tu.add_argument(
+        "--eval-every",
+        type=float,
+        default=10.0,
+        help="kimg between the FIDs reported to the pruner",
+    )
     tu.add_argument("--eval-features", default="domain", choices=FEATURES)
     tu.add_argument("--eval-n", type=int, default=2000, help="images per FID")
     tu.add_argument("--pruner", default="median", choices=["median", "hyperband"])
     tu.add_argument("--space", metavar="FILE.json", help="replace or narrow the search space")
-    tu.add_argument("--fix", action="append", default=[], metavar="KEY=VALUE",
-                    help="pin a config field (repeatable)")
-    tu.add_argument("--dataset", help="the trials' data set, as dcgan train's --dataset "
-                    "(default: the preset's)")
-    tu.add_argument("--resolution", help="the trials' resolution, 32, 64 or 128 (default: "
-                    "the preset's)")
+    tu.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pin a config field (repeatable)",
+    )
+    tu.add_argument(
+        "--dataset", help="the trials' data set, as dcgan train's --dataset (default: the preset's)"
+    )
+    tu.add_argument(
+        "--resolution", help="the trials' resolution, 32, 64 or 128 (default: the preset's)"
+    )
     tu.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
-    tu.add_argument("--storage", help="an SQLAlchemy URL, e.g. postgresql://user@host/db "
-                    "(default: sqlite in the study folder)")
+    tu.add_argument(
+        "--storage",
+        help="an SQLAlchemy URL, e.g. postgresql://user@host/db "
+        "(default: sqlite in the study folder)",
+    )
     tu.add_argument("--summary", metavar="STUDY", help="print a study's results and exit")
-    tu.add_argument("--heartbeat", type=int, default=20,
-                    help="seconds between a worker's heartbeats (a dead worker's trial is "
-                    "retried after 3 of them)")
+    tu.add_argument(
+        "--heartbeat",
+        type=int,
+        default=20,
+        help="seconds between a worker's heartbeats (a dead worker's trial is "
+        "retried after 3 of them)",
+    )
     tu.add_argument("--device", default="auto", help=DEVICE_HELP)
     tu.add_argument("--quiet", action="store_true")
     tu.set_defaults(func=cmd_tune)
 
-    rp = sub.add_parser("report", help="one self-contained HTML page of a run",
-                        description="Write RUN/report.html: the fixed-noise grid of every "
-                        "tick behind a slider, loss / D-output / FID / speed charts, the "
-                        "config, the machine and the events. Works on a live run too.")
+    rp = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run",
+        description="Write RUN/report.html: the fixed-noise grid of every "
+        "tick behind a slider, loss / D-output / FID / speed charts, the "
+        "config, the machine and the events. Works on a live run too.",
+    )
     rp.add_argument("run", help="run folder")
     rp.add_argument("--out", help="where to write the page (default RUN/report.html)")
     rp.set_defaults(func=cmd_report)
 
-    cp = sub.add_parser("compare", help="several runs on one HTML page",
-                        description="Overlay the runs' curves, show their last grids side by "
-                        "side, and print a table of kimg, img/s and last / best FID.")
+    cp = sub.add_parser(
+        "compare",
+        help="several runs on one HTML page",
+        description="Overlay the runs' curves, show their last grids side by "
+        "side, and print a table of kimg, img/s and last / best FID.",
+    )
     cp.add_argument("runs", nargs="+", help="two or more run folders")
     cp.add_argument("--out", default="compare.html", help="where to write the page")
     cp.set_defaults(func=cmd_compare)
 
-    x = sub.add_parser("export", help="export the generator (BatchNorm folded), or as a "
-                       "Hugging Face Hub folder")
+    x = sub.add_parser(
+        "export", help="export the generator (BatchNorm folded), or as a Hugging Face Hub folder"
+    )
     x.add_argument("run", help="run folder or generator.safetensors")
-    x.add_argument("--format", required=True, choices=["torchscript", "onnx", "hf"],
-                   help="torchscript or onnx: one file; hf: a folder in the Hub model layout "
-                   "(model.safetensors, config.json, README.md model card, samples.png)")
+    x.add_argument(
+        "--format",
+        required=True,
+        choices=["torchscript", "onnx", "hf"],
+        help="torchscript or onnx: one file; hf: a folder in the Hub model layout "
+        "(model.safetensors, config.json, README.md model card, samples.png)",
+    )
     x.add_argument("--out", required=True, help="the file (torchscript, onnx) or folder (hf)")
     x.set_defaults(func=cmd_export)
 
-    im = sub.add_parser("import", help="a checkpoint of the canonical PyTorch DCGAN example "
-                        "as a run folder",
-                        description="Read netG_epoch_N.pth of pytorch/examples' dcgan/main.py "
-                        "(weights only, torch.load(weights_only=True)), infer nz, ngf and nc, "
-                        "and write a run folder that dcgan sample, eval, export and report "
-                        "read.")
+    im = sub.add_parser(
+        "import",
+        help="a checkpoint of the canonical PyTorch DCGAN example as a run folder",
+        description="Read netG_epoch_N.pth of pytorch/examples' dcgan/main.py "
+        "(weights only, torch.load(weights_only=True)), infer nz, ngf and nc, "
+        "and write a run folder that dcgan sample, eval, export and report "
+        "read.",
+    )
     im.add_argument("checkpoint", help="the generator's state_dict (.pth)")
     im.add_argument("--out", required=True, help="the new run folder")
-    im.add_argument("--dataset", default="unknown",
-                    help="the data set it was trained on, recorded in the run (default unknown)")
+    im.add_argument(
+        "--dataset",
+        default="unknown",
+        help="the data set it was trained on, recorded in the run (default unknown)",
+    )
     im.set_defaults(func=cmd_import)
 
     d = sub.add_parser("data", help="inspect data sources")
@@ -447,14 +575,17 @@ def check_output_file(value: str, flag: str, image: bool = False) -> None:
     if value.endswith(os.sep) or path.is_dir():
         raise UserError(f"{flag} {value} is a folder: give a file name")
     if image and path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UserError(f"{flag} {value}: give an image file name ending in .png (or "
-                        f"{', '.join(IMAGE_SUFFIXES[1:])})")
+        raise UserError(
+            f"{flag} {value}: give an image file name ending in .png (or "
+            f"{', '.join(IMAGE_SUFFIXES[1:])})"
+        )
     existing = path.absolute().parent
     while not existing.exists():  # the deepest folder that exists decides
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {value}: cannot create the folder {path.parent} "
-                        f"({existing} is a file)")
+        raise UserError(
+            f"{flag} {value}: cannot create the folder {path.parent} ({existing} is a file)"
+        )
     if not os.access(existing, os.W_OK):
         raise UserError(f"{flag} {value}: the folder {existing} is not writable")
 

@@ -26,10 +26,16 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # The one list of allowed values for each string field: validation, the flags'
 # help and their error messages all read it.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "loss": LOSSES, "g_loss": ("nonsat", "minimax"), "g_opt": ("adam", "adamw"),
-    "d_opt": ("adam", "adamw", "sgd"), "channels_last": ("auto", "on", "off"),
-    "precision": ("auto", "fp32", "bf16", "fp16"), "compile_mode": COMPILE_MODES,
-    "eval_features": FEATURES, "on_nan": ("stop", "rollback"), "engine": ("torch", "scratch"),
+    "loss": LOSSES,
+    "g_loss": ("nonsat", "minimax"),
+    "g_opt": ("adam", "adamw"),
+    "d_opt": ("adam", "adamw", "sgd"),
+    "channels_last": ("auto", "on", "off"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "compile_mode": COMPILE_MODES,
+    "eval_features": FEATURES,
+    "on_nan": ("stop", "rollback"),
+    "engine": ("torch", "scratch"),
 }
 
 
@@ -39,12 +45,14 @@ def one_of(values: tuple[str, ...]) -> str:
 
 
 def parse_policy(text: str) -> tuple[str, ...]:
-    """"translation,cutout" -> ("translation", "cutout"); "" -> (); unknown names fail."""
+    """ "translation,cutout" -> ("translation", "cutout"); "" -> (); unknown names fail."""
     names = tuple(p.strip() for p in text.split(",") if p.strip())
     unknown = [p for p in names if p not in DIFFAUG_POLICIES]
     if unknown:
-        raise ValueError(f"unknown diffaug policy {', '.join(unknown)}; choose from "
-                         f"{', '.join(DIFFAUG_POLICIES)}")
+        raise ValueError(
+            f"unknown diffaug policy {', '.join(unknown)}; choose from "
+            f"{', '.join(DIFFAUG_POLICIES)}"
+        )
     return names
 
 
@@ -149,24 +157,67 @@ PRESETS: dict[str, dict[str, Any]] = {
     # best.json rounded to 3 digits): both learning rates ~3x the paper's, beta1 ~0, R1 on
     # real images, a short EMA, G 1.5x wider than D. Inception FID 50.6 against 88.2 for the
     # earlier untuned 32/32 preset, at 150 kimg (docs/quality.md).
-    "fmnist32": {"dataset": "fashion-mnist", "resolution": 32, "channels": 1, "batch": 64,
-                 "kimg": 150.0, "tick_kimg": 5.0, "ngf": 48, "ndf": 32, "d_lr": 7.33e-4,
-                 "g_lr": 6.11e-4, "beta1": 0.0013, "r1_gamma": 0.776, "ema_kimg": 1.29},
+    "fmnist32": {
+        "dataset": "fashion-mnist",
+        "resolution": 32,
+        "channels": 1,
+        "batch": 64,
+        "kimg": 150.0,
+        "tick_kimg": 5.0,
+        "ngf": 48,
+        "ndf": 32,
+        "d_lr": 7.33e-4,
+        "g_lr": 6.11e-4,
+        "beta1": 0.0013,
+        "r1_gamma": 0.776,
+        "ema_kimg": 1.29,
+    },
     # The paper / canonical PyTorch example: 64x64, batch 128, nz 100, ngf = ndf = 64.
-    "dcgan64": {"dataset": "emoji", "resolution": 64, "channels": 3, "batch": 128,
-                "kimg": 1000.0, "tick_kimg": 10.0},
+    "dcgan64": {
+        "dataset": "emoji",
+        "resolution": 64,
+        "channels": 3,
+        "batch": 128,
+        "kimg": 1000.0,
+        "tick_kimg": 10.0,
+    },
     # fmnist32's lessons at 64x64 colour: G 1.5x wider than the paper's D, beta1 ~0, both
     # rates ~3x the paper's, R1 on real images, a short EMA; and DiffAugment, since the
     # emoji set is small (3,780 glyphs). Measured against dcgan64 in docs/quality.md.
-    "color64": {"dataset": "emoji", "resolution": 64, "channels": 3, "batch": 64,
-                "kimg": 1000.0, "tick_kimg": 10.0, "ngf": 96, "ndf": 64, "d_lr": 7.33e-4,
-                "g_lr": 6.11e-4, "beta1": 0.0013, "r1_gamma": 0.776, "ema_kimg": 1.29,
-                "diffaug": "translation,cutout"},
+    "color64": {
+        "dataset": "emoji",
+        "resolution": 64,
+        "channels": 3,
+        "batch": 64,
+        "kimg": 1000.0,
+        "tick_kimg": 10.0,
+        "ngf": 96,
+        "ndf": 64,
+        "d_lr": 7.33e-4,
+        "g_lr": 6.11e-4,
+        "beta1": 0.0013,
+        "r1_gamma": 0.776,
+        "ema_kimg": 1.29,
+        "diffaug": "translation,cutout",
+    },
     # Seed 004's "Safe-Params": AdamW with weight decay, instance noise, big G, small D.
-    "safe128": {"dataset": "emoji", "resolution": 128, "channels": 3, "batch": 512,
-                "g_lr": 2e-4, "d_lr": 2e-4, "ngf": 128, "ndf": 32, "nz": 128,
-                "g_opt": "adamw", "d_opt": "adamw", "weight_decay": 0.05,
-                "instance_noise": 0.2, "kimg": 2000.0, "tick_kimg": 20.0},
+    "safe128": {
+        "dataset": "emoji",
+        "resolution": 128,
+        "channels": 3,
+        "batch": 512,
+        "g_lr": 2e-4,
+        "d_lr": 2e-4,
+        "ngf": 128,
+        "ndf": 32,
+        "nz": 128,
+        "g_opt": "adamw",
+        "d_opt": "adamw",
+        "weight_decay": 0.05,
+        "instance_noise": 0.2,
+        "kimg": 2000.0,
+        "tick_kimg": 20.0,
+    },
 }
 
 
@@ -264,8 +315,9 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject values outside their allowed range, naming the range."""
     d, m, t = cfg.data, cfg.model, cfg.train
-    _check(d.resolution in RESOLUTIONS,
-           f"resolution must be one of {RESOLUTIONS}, got {d.resolution}")
+    _check(
+        d.resolution in RESOLUTIONS, f"resolution must be one of {RESOLUTIONS}, got {d.resolution}"
+    )
     _check(d.channels in (0, 1, 3), f"channels must be 0 (source's own), 1 or 3, got {d.channels}")
     _check(m.nz >= 1, f"nz must be >= 1, got {m.nz}")
     _check(m.ngf >= 1 and m.ndf >= 1, f"ngf and ndf must be >= 1, got {m.ngf}, {m.ndf}")
@@ -287,8 +339,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
     _check(t.weight_decay >= 0, f"weight_decay must be >= 0, got {t.weight_decay}")
     _check(0 <= t.d_momentum < 1, f"d_momentum must be in [0, 1), got {t.d_momentum}")
-    _check(0 <= t.label_smoothing < 0.5,
-           f"label_smoothing must be in [0, 0.5), got {t.label_smoothing}")
+    _check(
+        0 <= t.label_smoothing < 0.5,
+        f"label_smoothing must be in [0, 0.5), got {t.label_smoothing}",
+    )
     _check(0 <= t.label_flip < 0.5, f"label_flip must be in [0, 0.5), got {t.label_flip}")
     _check(t.instance_noise >= 0, f"instance_noise must be >= 0, got {t.instance_noise}")
     _check(t.ema_kimg >= 0, f"ema_kimg must be >= 0, got {t.ema_kimg}")
@@ -297,10 +351,20 @@ def validate(cfg: Config) -> None:
     _check(t.eval_every >= 0, f"eval_every must be >= 0, got {t.eval_every}")
     _check(t.eval_n >= 10, f"eval_n must be >= 10, got {t.eval_n}")
     if t.engine == "scratch":
-        _check(t.precision in ("auto", "fp32") and not t.compile and t.instance_noise == 0
-               and t.g_loss == "nonsat" and t.d_steps == 1 and t.loss == "bce"
-               and t.r1_gamma == 0 and not t.diffaug and not m.d_spectral_norm,
-               "engine scratch trains in fp32 with the bce loss, without compile, instance "
-               "noise, minimax loss, d_steps > 1, penalties, diffaug or spectral norm")
-    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
-           f"device must be auto, cpu, cuda or cuda:N, got {t.device}")
+        _check(
+            t.precision in ("auto", "fp32")
+            and not t.compile
+            and t.instance_noise == 0
+            and t.g_loss == "nonsat"
+            and t.d_steps == 1
+            and t.loss == "bce"
+            and t.r1_gamma == 0
+            and not t.diffaug
+            and not m.d_spectral_norm,
+            "engine scratch trains in fp32 with the bce loss, without compile, instance "
+            "noise, minimax loss, d_steps > 1, penalties, diffaug or spectral norm",
+        )
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        f"device must be auto, cpu, cuda or cuda:N, got {t.device}",
+    )

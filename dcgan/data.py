@@ -132,8 +132,7 @@ def _read_cache(
 
 
 def _write_cache(
-    path: pathlib.Path, key: ImagesKey, images: np.ndarray, labels: np.ndarray | None,
-    skipped: int
+    path: pathlib.Path, key: ImagesKey, images: np.ndarray, labels: np.ndarray | None, skipped: int
 ) -> None:
     """Write atomically (`dcgan.atomic`): readers, or other ranks building the same file
     at once, never see a partial file."""
@@ -168,8 +167,7 @@ def load_images(
     channels = channels or source.channels
     if source.key == "fake":  # cheaper to make than to read back
         images, labels, skipped = source.build(resolution, progress)
-        return ImageSet(_convert_channels(images, channels), labels, "fake", split, skipped,
-                        "fake")
+        return ImageSet(_convert_channels(images, channels), labels, "fake", split, skipped, "fake")
 
     root = cache_root(cache_dir)
     key = ImagesKey(source.key, source.slug, resolution, channels, split)

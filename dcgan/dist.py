@@ -71,8 +71,9 @@ def _attempt_store(world_size: int) -> tdist.Store | None:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    agent = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                           world_size, is_master=False)
+    agent = tdist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
     return tdist.PrefixStore(f"dcgan/attempt_{attempt}", agent)
 
 

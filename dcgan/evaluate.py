@@ -93,22 +93,29 @@ def load_side(spec: str) -> Side:
     path = Path(spec).expanduser()
     if spec.startswith(HF_SCHEME) or is_generator_path(path):
         g, meta, file = read(spec)
-        return Side(spec, "generator", str(meta.get("dataset", "")), snapshot=file,
-                    generator=g, meta=meta)
+        return Side(
+            spec, "generator", str(meta.get("dataset", "")), snapshot=file, generator=g, meta=meta
+        )
     if path.is_file():
-        raise UserError(f"{spec} is a file but not a {SNAPSHOT} snapshot (or a .pth of the "
-                        f"canonical example); data must be a folder or a source name "
-                        f"({', '.join(SOURCES)})")
+        raise UserError(
+            f"{spec} is a file but not a {SNAPSHOT} snapshot (or a .pth of the "
+            f"canonical example); data must be a folder or a source name "
+            f"({', '.join(SOURCES)})"
+        )
     if path.is_dir():
         if RunDir(path).is_run():
-            raise UserError(f"run folder {spec} has no {SNAPSHOT} yet (it is written at the "
-                            f"first tick); wait for one or pass another run")
+            raise UserError(
+                f"run folder {spec} has no {SNAPSHOT} yet (it is written at the "
+                f"first tick); wait for one or pass another run"
+            )
         return Side(spec, "data", str(path.resolve()), split="train")
     name, _, split = spec.partition(":")
     if name not in SOURCES:
-        raise UserError(f"unknown source {spec!r}: expected a run folder, a {SNAPSHOT} file, "
-                        f"an image folder or one of {', '.join(SOURCES)} "
-                        f"(with :train or :test for fashion-mnist and mnist)")
+        raise UserError(
+            f"unknown source {spec!r}: expected a run folder, a {SNAPSHOT} file, "
+            f"an image folder or one of {', '.join(SOURCES)} "
+            f"(with :train or :test for fashion-mnist and mnist)"
+        )
     if split and split not in SPLITS:
         raise UserError(f"unknown split {split!r} in {spec!r}: expected train or test")
     if split == "test" and name not in LABELLED:
@@ -124,8 +131,9 @@ def _labelled_source(sides: list[Side]) -> str:
     return ""
 
 
-def sample_generator(g: torch.nn.Module, n: int, seed: int, batch: int = SAMPLE_BATCH,
-                     progress: bool = False) -> np.ndarray:
+def sample_generator(
+    g: torch.nn.Module, n: int, seed: int, batch: int = SAMPLE_BATCH, progress: bool = False
+) -> np.ndarray:
     """n images from G as uint8 (n, nc, R, R), latents from a seeded CPU generator.
 
     The latents are drawn on the CPU so the same seed gives the same z on every
@@ -141,19 +149,21 @@ def sample_generator(g: torch.nn.Module, n: int, seed: int, batch: int = SAMPLE_
         from tqdm import tqdm
 
         for i in tqdm(range(0, n, batch), desc="sampling", disable=not progress, leave=False):
-            z = z_all[i:i + batch].to(device)
+            z = z_all[i : i + batch].to(device)
             x = g(z).float()  # (b, nc, R, R) in [-1, 1]
             out.append(to_uint8(x).cpu().numpy())
     return np.concatenate(out)
 
 
-def _load_data(side: Side, resolution: int, channels: int, n: int, cache_dir: str,
-               progress: bool) -> np.ndarray:
+def _load_data(
+    side: Side, resolution: int, channels: int, n: int, cache_dir: str, progress: bool
+) -> np.ndarray:
     """A random subset (seed 0) of up to n images of a data side: uint8 (m, C, R, R)."""
     from dcgan.data import load_images
 
-    data = load_images(side.source, resolution, channels, split=side.split,
-                       cache_dir=cache_dir, progress=progress)
+    data = load_images(
+        side.source, resolution, channels, split=side.split, cache_dir=cache_dir, progress=progress
+    )
     side.content = data.content
     images = data.images
     if images.shape[0] > n:
@@ -162,13 +172,21 @@ def _load_data(side: Side, resolution: int, channels: int, n: int, cache_dir: st
     return images
 
 
-def _side_features(side: Side, extractor: Extractor, key: StatsKey | None, cache_dir: str,
-                   progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _side_features(
+    side: Side, extractor: Extractor, key: StatsKey | None, cache_dir: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(features (m, dim), logits (m, K) or None), cached for data sides."""
+
     def compute() -> tuple[np.ndarray, np.ndarray | None]:
         assert side.images is not None
-        return extract_all(extractor, batches(side.images, FEATURE_BATCH), side.images.shape[0],
-                           FEATURE_BATCH, progress, desc=f"features {side.spec}")
+        return extract_all(
+            extractor,
+            batches(side.images, FEATURE_BATCH),
+            side.images.shape[0],
+            FEATURE_BATCH,
+            progress,
+            desc=f"features {side.spec}",
+        )
 
     if key is None:
         return compute()
@@ -191,26 +209,46 @@ class _Extraction:
     progress: bool
 
     def extractor(self, features: str, label_source: str) -> Extractor:
-        return get_extractor(features, label_source, self.resolution, self.channels,
-                             self.device, self.cache_dir, self.progress)
+        return get_extractor(
+            features,
+            label_source,
+            self.resolution,
+            self.channels,
+            self.device,
+            self.cache_dir,
+            self.progress,
+        )
 
-    def run(self, sides: list[Side],
-            extractor: Extractor) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    def run(
+        self, sides: list[Side], extractor: Extractor
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """Per side: features (m, dim) and logits (m, K) or None; cached for data sides."""
         feats, logits = [], []
         for side in sides:
             key = None
             if side.kind == "data":
-                key = StatsKey(side.source, side.split, self.resolution, self.channels, self.n,
-                               extractor.name, side.content)
+                key = StatsKey(
+                    side.source,
+                    side.split,
+                    self.resolution,
+                    self.channels,
+                    self.n,
+                    extractor.name,
+                    side.content,
+                )
             f, z = _side_features(side, extractor, key, self.cache_dir, self.progress)
             feats.append(f)
             logits.append(z)
         return feats, logits
 
 
-def _logits(ex: _Extraction, sides: list[Side], extractor: Extractor,
-            logits: list[np.ndarray | None], label_source: str) -> Logits:
+def _logits(
+    ex: _Extraction,
+    sides: list[Side],
+    extractor: Extractor,
+    logits: list[np.ndarray | None],
+    label_source: str,
+) -> Logits:
     """A's and B's class logits: the extractor's when it has a classification head, else
     the domain classifier's (the bundled FID Inception has none)."""
     if extractor.logits_kind is None:
@@ -229,9 +267,17 @@ def _check_request(metrics: list[str], features: str, n: int) -> list[str]:
     return metrics
 
 
-def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: str = "cpu",
-             json_path: str | None = None, progress: bool = True,
-             cache_dir: str = "") -> dict[str, Any]:
+def evaluate(
+    a: str,
+    b: str,
+    metrics: list[str],
+    features: str,
+    n: int,
+    device: str = "cpu",
+    json_path: str | None = None,
+    progress: bool = True,
+    cache_dir: str = "",
+) -> dict[str, Any]:
     """Compare A with B; returns (and optionally writes as JSON) the metrics' fields +
     metadata.
 
@@ -254,8 +300,9 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     if gens:
         shapes = {(int(s.meta["resolution"]), int(s.meta["nc"])) for s in gens}
         if len(shapes) > 1:
-            raise UserError(f"the two generators make different images "
-                            f"(resolution, channels): {sorted(shapes)}")
+            raise UserError(
+                f"the two generators make different images (resolution, channels): {sorted(shapes)}"
+            )
         resolution, channels = shapes.pop()
     else:
         resolution = 32 if all(s.source in LABELLED for s in shaped) else 64
@@ -264,11 +311,16 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     # class logits come from the domain classifier unless the extractor is it
     wants_logits = [m for m in metrics if "logits" in registry.REGISTRY[m].needs]
     if (features == "domain" or wants_logits) and not label_source:
-        what = "--features domain" if features == "domain" else (
-            f"{','.join(wants_logits)} (class logits, from the domain classifier)")
+        what = (
+            "--features domain"
+            if features == "domain"
+            else (f"{','.join(wants_logits)} (class logits, from the domain classifier)")
+        )
         leave_out = f" and leave out {','.join(wants_logits)}" if wants_logits else ""
-        raise UserError(f"{what} needs a labelled source ({', '.join(LABELLED)}) on one side; "
-                        f"use --features inception{leave_out}")
+        raise UserError(
+            f"{what} needs a labelled source ({', '.join(LABELLED)}) on one side; "
+            f"use --features inception{leave_out}"
+        )
 
     # Images: sample generators, load data (channels resolved when both are data).
     t0 = time.perf_counter()
@@ -293,17 +345,24 @@ def evaluate(a: str, b: str, metrics: list[str], features: str, n: int, device: 
     timings["features"] = time.perf_counter() - t0
 
     result: dict[str, Any] = {
-        "a": sides[0].describe(), "b": sides[1].describe(),
-        "n": {"a": int(feats[0].shape[0]), "b": int(feats[1].shape[0])}, "n_requested": n,
-        "features": extractor.name, "resolution": resolution, "channels": channels,
+        "a": sides[0].describe(),
+        "b": sides[1].describe(),
+        "n": {"a": int(feats[0].shape[0]), "b": int(feats[1].shape[0])},
+        "n_requested": n,
+        "features": extractor.name,
+        "resolution": resolution,
+        "channels": channels,
         "device": str(device),
     }
     if isinstance(extractor, DomainExtractor):
         result["classifier_test_accuracy"] = extractor.test_accuracy
 
     t0 = time.perf_counter()  # the domain classifier's logits, when made here, count here
-    inputs: dict[str, Any] = {"features": Pair(Features(feats[0]), Features(feats[1])),
-                              "images": Pair(sides[0].images, sides[1].images), "n": n}
+    inputs: dict[str, Any] = {
+        "features": Pair(Features(feats[0]), Features(feats[1])),
+        "images": Pair(sides[0].images, sides[1].images),
+        "n": n,
+    }
     if "logits" in registry.needed(metrics):
         inputs["logits"] = _logits(ex, sides, extractor, logits, label_source)
     result.update(registry.run(metrics, inputs))
@@ -332,10 +391,19 @@ class FidTracker:
     weights. `metrics`: any registered metrics that read features (and n) only.
     """
 
-    def __init__(self, dataset: str, resolution: int, channels: int, features: str = "domain",
-                 n: int = 5000, device: str | torch.device = "cpu", cache_dir: str = "",
-                 seed: int = 0, progress: bool = False,
-                 metrics: tuple[str, ...] = ("fid", "kid")):
+    def __init__(
+        self,
+        dataset: str,
+        resolution: int,
+        channels: int,
+        features: str = "domain",
+        n: int = 5000,
+        device: str | torch.device = "cpu",
+        cache_dir: str = "",
+        seed: int = 0,
+        progress: bool = False,
+        metrics: tuple[str, ...] = ("fid", "kid"),
+    ):
         if features not in FEATURES:
             raise UserError(f"unknown features {features!r}: choose one of {', '.join(FEATURES)}")
         if n < 10:
@@ -343,8 +411,10 @@ class FidTracker:
         self.metrics = registry.check_names(metrics)
         beyond = registry.needed(self.metrics) - {"features", "n"}
         if beyond:
-            raise UserError(f"the FID tracker gives metrics features and n only; "
-                            f"{','.join(self.metrics)} need {', '.join(sorted(beyond))} too")
+            raise UserError(
+                f"the FID tracker gives metrics features and n only; "
+                f"{','.join(self.metrics)} need {', '.join(sorted(beyond))} too"
+            )
         self.n, self.seed, self.progress = n, seed, progress
         # the training set as `dcgan eval` reads a data side: same subset, same cache entry
         folder = Path(dataset).expanduser()
@@ -352,10 +422,12 @@ class FidTracker:
         train = Side(f"{dataset}:train", "data", source, split="train")
         train.images = _load_data(train, resolution, channels, n, cache_dir, progress)
         self.channels = int(train.images.shape[1])
-        self.extractor = get_extractor(features, source, resolution, self.channels, device,
-                                       cache_dir, progress)
-        key = StatsKey(source, "train", resolution, self.channels, n, self.extractor.name,
-                       train.content)
+        self.extractor = get_extractor(
+            features, source, resolution, self.channels, device, cache_dir, progress
+        )
+        key = StatsKey(
+            source, "train", resolution, self.channels, n, self.extractor.name, train.content
+        )
         reference, _ = _side_features(train, self.extractor, key, cache_dir, progress)
         self.reference = Features(reference)  # (n, dim); its statistics made once, kept
 
@@ -370,4 +442,3 @@ class FidTracker:
         f, _ = _side_features(fakes, self.extractor, None, "", self.progress)
         inputs = {"features": Pair(Features(f), self.reference), "n": self.n}
         return {**registry.run(self.metrics, inputs), "features": self.extractor.name}
-

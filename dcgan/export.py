@@ -61,8 +61,10 @@ def fold_batchnorm(g: Generator | nn.Sequential) -> nn.Sequential:
         if isinstance(layer, nn.BatchNorm2d):
             conv = out[-1] if out else None
             if not isinstance(conv, nn.ConvTranspose2d) or conv.groups != 1:
-                raise ValueError("a BatchNorm2d must follow an ungrouped ConvTranspose2d "
-                                 f"to be folded, found it after {type(conv).__name__}")
+                raise ValueError(
+                    "a BatchNorm2d must follow an ungrouped ConvTranspose2d "
+                    f"to be folded, found it after {type(conv).__name__}"
+                )
             if layer.running_mean is None or layer.running_var is None:
                 raise ValueError("BatchNorm2d without running statistics cannot be folded")
             out[-1] = _fold(conv, layer)
@@ -79,10 +81,19 @@ def _fold(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTranspose2d:
     beta = bn.bias.double() if bn.affine else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + bn.eps)  # (out,)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
-    folded = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                                conv.stride, conv.padding, conv.output_padding, 1, True,
-                                conv.dilation, device=conv.weight.device,
-                                dtype=conv.weight.dtype)
+    folded = nn.ConvTranspose2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.output_padding,
+        1,
+        True,
+        conv.dilation,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     folded.weight.copy_(w * scale.view(1, -1, 1, 1))
     folded.bias.copy_(scale * (bias - mean) + beta)
     return folded
@@ -98,11 +109,18 @@ def _deliberate():
         yield
 
 
-def save_graph(seq: nn.Sequential, nz: int, fmt: str, out: Path, batch_dynamic: bool,
-          meta: dict[str, Any]) -> None:
+def save_graph(
+    seq: nn.Sequential, nz: int, fmt: str, out: Path, batch_dynamic: bool, meta: dict[str, Any]
+) -> None:
     """Write the folded chain `seq` (CPU, eval) in `fmt` to `out`, with `meta` attached."""
-    info = json.dumps({**meta, "input": f"z float32 (N, {nz}, 1, 1)",
-                       "output": "images float32 (N, nc, R, R) in [-1, 1]"}, sort_keys=True)
+    info = json.dumps(
+        {
+            **meta,
+            "input": f"z float32 (N, {nz}, 1, 1)",
+            "output": "images float32 (N, nc, R, R) in [-1, 1]",
+        },
+        sort_keys=True,
+    )
     example = torch.zeros(1, nz, 1, 1)  # (N, nz, 1, 1)
     if fmt == "torchscript":
         with _deliberate():
@@ -112,8 +130,16 @@ def save_graph(seq: nn.Sequential, nz: int, fmt: str, out: Path, batch_dynamic: 
     onnx = _require("onnx")
     axes = {"z": {0: "batch"}, "images": {0: "batch"}} if batch_dynamic else None
     with _deliberate():
-        torch.onnx.export(seq, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["z"], output_names=["images"], dynamic_axes=axes)
+        torch.onnx.export(
+            seq,
+            (example,),
+            str(out),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["z"],
+            output_names=["images"],
+            dynamic_axes=axes,
+        )
     model = onnx.load(str(out))
     entry = model.metadata_props.add()
     entry.key, entry.value = "dcgan", info
@@ -126,8 +152,9 @@ def _require(name: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"ONNX export needs {name}: pip install 'dcgan[export]' "
-                        "(onnx, onnxruntime)") from None
+        raise UserError(
+            f"ONNX export needs {name}: pip install 'dcgan[export]' (onnx, onnxruntime)"
+        ) from None
 
 
 class OrtGenerator:
@@ -143,8 +170,9 @@ class OrtGenerator:
         return torch.from_numpy(self.session.run(None, {"z": z_np})[0])
 
 
-def load_exported(path: str | Path, device: str = "cpu", fmt: str | None = None
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_exported(
+    path: str | Path, device: str = "cpu", fmt: str | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable z (N, nz, 1, 1) tensor -> images tensor for an exported file.
 
     `fmt` says how to read it; without it the suffix does (.onnx, else TorchScript).
@@ -158,7 +186,8 @@ def load_exported(path: str | Path, device: str = "cpu", fmt: str | None = None
 
         providers = ["CPUExecutionProvider"]
         if str(device).startswith("cuda") and (
-                "CUDAExecutionProvider" in ort.get_available_providers()):
+            "CUDAExecutionProvider" in ort.get_available_providers()
+        ):
             providers.insert(0, "CUDAExecutionProvider")
         return OrtGenerator(ort.InferenceSession(str(path), providers=providers))
     with _deliberate():
@@ -173,13 +202,14 @@ def _check(g: Generator, path: Path, n: int, fmt: str) -> float:
         got = load_exported(path, fmt=fmt)(z)
     err = (got - want).abs().max().item()
     if not err <= CHECK_TOLERANCE:
-        raise UserError(f"the exported {fmt} generator differs from the eager one by "
-                        f"{err:.2e} (more than {CHECK_TOLERANCE:g}); nothing was written")
+        raise UserError(
+            f"the exported {fmt} generator differs from the eager one by "
+            f"{err:.2e} (more than {CHECK_TOLERANCE:g}); nothing was written"
+        )
     return err
 
 
-def export_generator(run_or_snapshot: str, fmt: str, out: str,
-                     batch_dynamic: bool = True) -> Path:
+def export_generator(run_or_snapshot: str, fmt: str, out: str, batch_dynamic: bool = True) -> Path:
     """Write a run's (or snapshot file's) G-EMA as TorchScript or ONNX to `out`, or with
     fmt "hf" as a Hugging Face Hub folder `out` (dcgan.hub: weights unfolded, model card).
 
@@ -199,14 +229,18 @@ def export_generator(run_or_snapshot: str, fmt: str, out: str,
         _require("onnx")
     path = Path(out)
     if path.is_dir():
-        raise UserError(f"--out {path} is a folder: give a file name such as "
-                        f"generator.{'onnx' if fmt == 'onnx' else 'pt'}")
+        raise UserError(
+            f"--out {path} is a folder: give a file name such as "
+            f"generator.{'onnx' if fmt == 'onnx' else 'pt'}"
+        )
     snapshot = snapshot_path(run_or_snapshot)
-    own = {snapshot.resolve()} | {(snapshot.parent / name).resolve() for name in (
-        SNAPSHOT, CHECKPOINT, BEST)}
+    own = {snapshot.resolve()} | {
+        (snapshot.parent / name).resolve() for name in (SNAPSHOT, CHECKPOINT, BEST)
+    }
     if path.resolve() in own:
-        raise UserError(f"--out {path} would overwrite the run's own {path.name}: choose "
-                        "another file name")
+        raise UserError(
+            f"--out {path} would overwrite the run's own {path.name}: choose another file name"
+        )
     g, meta = load_generator(snapshot, "cpu")  # eval mode
 
     def write_and_verify(tmp: str) -> None:

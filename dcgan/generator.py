@@ -48,16 +48,22 @@ class Generator(models.Generator):
     """
 
     def __init__(self, meta: dict[str, Any], origin: Path | None = None) -> None:
-        super().__init__(int(meta["nz"]), int(meta["ngf"]), int(meta["nc"]),
-                         int(meta["resolution"]), float(meta["g_dropout"]))
+        super().__init__(
+            int(meta["nz"]),
+            int(meta["ngf"]),
+            int(meta["nc"]),
+            int(meta["resolution"]),
+            float(meta["g_dropout"]),
+        )
         self.meta = dict(meta)
         # the folder it was read from (a run folder or a Hub-layout folder): save_pretrained
         # takes the training config and the measured FIDs for the model card from there
         self.origin = origin
 
     @classmethod
-    def wrap(cls, g: models.Generator, meta: dict[str, Any],
-             origin: Path | None = None) -> Generator:
+    def wrap(
+        cls, g: models.Generator, meta: dict[str, Any], origin: Path | None = None
+    ) -> Generator:
         """A Generator holding g's weights (copied exactly), in eval mode on g's device."""
         device = next(g.parameters()).device
         out = cls(meta, origin)
@@ -80,8 +86,13 @@ class Generator(models.Generator):
             raise UserError(f"n must be >= 1, got {n}")
         return latent.latent_bank(n, self.nz, seed, truncation)
 
-    def sample(self, n: int, seed: int = 0, truncation: float | None = None,
-               classes: Sequence[int] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        seed: int = 0,
+        truncation: float | None = None,
+        classes: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """n images as uint8 (n, nc, R, R) on the CPU: exactly the pixels of
         `dcgan sample RUN --n n --seed seed` (the same latents, the same rounding), and
         of `dcgan sample --out-dir`'s PNG files.
@@ -94,11 +105,15 @@ class Generator(models.Generator):
         (torch.uint8, (16, 1, 32, 32))
         """
         if classes is not None:
-            raise UserError("this generator is unconditional (trained without labels): "
-                            "classes must be None")
-        memory.check_fits(memory.sample_bytes(n, self.nz, self.nc, self.resolution),
-                          torch.device("cpu"), f"{n:,} samples", "ask for fewer, or write "
-                          "them as files in batches (dcgan sample --out-dir)")
+            raise UserError(
+                "this generator is unconditional (trained without labels): classes must be None"
+            )
+        memory.check_fits(
+            memory.sample_bytes(n, self.nz, self.nc, self.resolution),
+            torch.device("cpu"),
+            f"{n:,} samples",
+            "ask for fewer, or write them as files in batches (dcgan sample --out-dir)",
+        )
         return torch.cat(list(uint8_batches(self, self.z(n, seed, truncation))))
 
     def to_pil(self, images: torch.Tensor | np.ndarray) -> list[Image.Image]:
@@ -129,21 +144,21 @@ def to_pil(images: torch.Tensor | np.ndarray) -> list[Image.Image]:
         images = (images if images.dtype == torch.uint8 else pixels.to_uint8(images)).cpu()
         images = images.numpy()
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise UserError(f"to_pil takes images (N, 1 or 3, R, R) as uint8 or floats, got "
-                        f"{images.dtype} {tuple(images.shape)}")
-    return [Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0))
-            for im in images]
+        raise UserError(
+            f"to_pil takes images (N, 1 or 3, R, R) as uint8 or floats, got "
+            f"{images.dtype} {tuple(images.shape)}"
+        )
+    return [Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)) for im in images]
 
 
-def uint8_batches(g: torch.nn.Module, z: torch.Tensor,
-                  batch: int = 256) -> Iterator[torch.Tensor]:
+def uint8_batches(g: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> Iterator[torch.Tensor]:
     """Latents (N, nz) -> uint8 images (b, C, R, R) on the CPU, `batch` at a time.
 
     The batches are `latent.decode`'s (the same forward passes as `dcgan sample` and
     `dcgan eval`), and only one batch of floats is held at a time, so N may be 50,000.
     """
     for i in range(0, z.shape[0], batch):
-        yield pixels.to_uint8(latent.decode(g, z[i:i + batch], batch))
+        yield pixels.to_uint8(latent.decode(g, z[i : i + batch], batch))
 
 
 def is_generator_path(path: Path) -> bool:

@@ -32,11 +32,18 @@ class ConvReLU(nn.Module):
 
     def __init__(self, layer: torch.jit.ScriptModule):
         super().__init__()
-        w, mean, var, beta = (getattr(layer, k).detach().float() for k in (
-            "weight", "mean", "var", "beta"))
+        w, mean, var, beta = (
+            getattr(layer, k).detach().float() for k in ("weight", "mean", "var", "beta")
+        )
         scale = torch.rsqrt(var + BN_EPS)  # (Cout,)
-        self.conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]),
-                              stride=int(layer.stride), padding=_pair(layer.padding), bias=True)
+        self.conv = nn.Conv2d(
+            w.shape[1],
+            w.shape[0],
+            tuple(w.shape[2:]),
+            stride=int(layer.stride),
+            padding=_pair(layer.padding),
+            bias=True,
+        )
         with torch.no_grad():
             self.conv.weight.copy_(w * scale[:, None, None, None])
             self.conv.bias.copy_(beta - mean * scale)
@@ -51,8 +58,7 @@ def _pair(p) -> tuple[int, int]:
 
 def _pool(layer: torch.jit.ScriptModule) -> nn.Module:
     """A scripted max or average pool; its kernel, stride and padding are literals in its code."""
-    lists = [tuple(int(v) for v in m.split(",")) for m in
-             re.findall(r"\[(\d+, \d+)\]", layer.code)]
+    lists = [tuple(int(v) for v in m.split(",")) for m in re.findall(r"\[(\d+, \d+)\]", layer.code)]
     kernel, stride, padding = lists[0], lists[1], lists[2]
     if layer.original_name == "MaxPool2d":
         return nn.MaxPool2d(kernel, stride, padding)
@@ -76,9 +82,18 @@ class Branches(nn.Module):
 class InceptionE(nn.Module):
     """The 8x8 blocks: the 1x3 and 3x1 convs of two towers share their towers' first output."""
 
-    NAMES = ("conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv",
-             "tower_1_conv_1", "tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_pool",
-             "tower_2_conv")
+    NAMES = (
+        "conv",
+        "tower_conv",
+        "tower_mixed_conv",
+        "tower_mixed_conv_1",
+        "tower_1_conv",
+        "tower_1_conv_1",
+        "tower_1_mixed_conv",
+        "tower_1_mixed_conv_1",
+        "tower_2_pool",
+        "tower_2_conv",
+    )
 
     def __init__(self, block: torch.jit.ScriptModule):
         super().__init__()
@@ -88,9 +103,17 @@ class InceptionE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.tower_conv(x)
         b = self.tower_1_conv_1(self.tower_1_conv(x))
-        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
-                          self.tower_2_conv(self.tower_2_pool(x))], 1)
+        return torch.cat(
+            [
+                self.conv(x),
+                self.tower_mixed_conv(a),
+                self.tower_mixed_conv_1(a),
+                self.tower_1_mixed_conv(b),
+                self.tower_1_mixed_conv_1(b),
+                self.tower_2_conv(self.tower_2_pool(x)),
+            ],
+            1,
+        )
 
 
 def convert(m: torch.jit.ScriptModule) -> nn.Module:

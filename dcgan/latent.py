@@ -48,8 +48,9 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: float | torch.Tensor) -> torch.
     dtype = torch.promote_types(z0.dtype, z1.dtype)
     a, b = z0.to(torch.float64), z1.to(torch.float64)
     t = torch.as_tensor(t, dtype=torch.float64, device=a.device)
-    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True)
-                                           * b.norm(dim=-1, keepdim=True)).clamp_min(1e-300)
+    cos = (a * b).sum(-1, keepdim=True) / (
+        a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)
+    ).clamp_min(1e-300)
     omega = torch.arccos(cos.clamp(-1.0, 1.0))  # (..., 1), in [0, pi]
     sin = torch.sin(omega)
     # below this sin(omega) the ratios lose their digits; lerp is then within
@@ -61,8 +62,9 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: float | torch.Tensor) -> torch.
     return (w0 * a + w1 * b).to(dtype)
 
 
-def truncated_normal(n: int, nz: int, truncation: float | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def truncated_normal(
+    n: int, nz: int, truncation: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(n, nz) standard-normal latents with every |z_i| <= truncation.
 
     The first draw is exactly `torch.randn(n, nz, generator=generator)`, so with
@@ -76,8 +78,10 @@ def truncated_normal(n: int, nz: int, truncation: float | None = None,
         return z
     # P(|z| <= 0.05) is 4 %: the loop below would still end, after ~25x the draws
     if truncation < 0.05:
-        raise UserError(f"--truncation {truncation} is too small to mean anything; use >= 0.05 "
-                        "(1 to 2 is the usual range)")
+        raise UserError(
+            f"--truncation {truncation} is too small to mean anything; use >= 0.05 "
+            "(1 to 2 is the usual range)"
+        )
     bad = z.abs() > truncation
     while bad.any():
         z[bad] = torch.randn(int(bad.sum()), generator=generator)
@@ -97,12 +101,13 @@ def decode(g: Decoder, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
         # train-mode BatchNorm mixes the batch: images would depend on their neighbours
         raise ValueError("put the generator in eval mode before decoding latents")
     device = next(g.parameters()).device if isinstance(g, nn.Module) else z.device
-    chunks = [g(z[i:i + batch].to(device)).cpu() for i in range(0, z.shape[0], batch)]
+    chunks = [g(z[i : i + batch].to(device)).cpu() for i in range(0, z.shape[0], batch)]
     return torch.cat(chunks)
 
 
-def interpolation_latents(nz: int, pairs: int, steps: int, seed: int = 0,
-                          truncation: float | None = None) -> torch.Tensor:
+def interpolation_latents(
+    nz: int, pairs: int, steps: int, seed: int = 0, truncation: float | None = None
+) -> torch.Tensor:
     """(pairs * steps, nz): row p goes by slerp from endpoint 2p to endpoint 2p + 1 of
     `latent_bank(2 * pairs, nz, seed, truncation)`, both endpoints included."""
     if pairs < 1 or steps < 2:
@@ -115,22 +120,24 @@ def interpolation_latents(nz: int, pairs: int, steps: int, seed: int = 0,
     return z.reshape(pairs * steps, nz)
 
 
-def interpolation_grid(g: Decoder, nz: int, pairs: int, steps: int, seed: int = 0,
-                       truncation: float | None = None) -> torch.Tensor:
+def interpolation_grid(
+    g: Decoder, nz: int, pairs: int, steps: int, seed: int = 0, truncation: float | None = None
+) -> torch.Tensor:
     """Images (pairs * steps, C, R, R): a row of `steps` images per pair; save with nrow=steps."""
     return decode(g, interpolation_latents(nz, pairs, steps, seed, truncation))
 
 
 def parse_arithmetic(spec: str, n: int) -> tuple[list[int], list[int], list[int]]:
-    """"3,10,22:5,9,40:1,2,8" -> ([3, 10, 22], [5, 9, 40], [1, 2, 8]) for A - B + C.
+    """ "3,10,22:5,9,40:1,2,8" -> ([3, 10, 22], [5, 9, 40], [1, 2, 8]) for A - B + C.
 
     Indices count row-major from 0 in the grid of `dcgan sample --n n`, so each
     must be in [0, n).
     """
     groups = spec.split(":")
     if len(groups) != 3:
-        raise UserError(f"--arithmetic expects three index lists A:B:C (as in 3,10,22:5,9:1), "
-                        f"got {spec!r}")
+        raise UserError(
+            f"--arithmetic expects three index lists A:B:C (as in 3,10,22:5,9:1), got {spec!r}"
+        )
     sets: list[list[int]] = []
     for name, group in zip("ABC", groups, strict=True):
         items = [s.strip() for s in group.split(",")]
@@ -139,20 +146,30 @@ def parse_arithmetic(spec: str, n: int) -> tuple[list[int], list[int], list[int]
         indices = []
         for s in items:
             if not s.isdigit():  # also refuses "" (a doubled comma) and negatives
-                raise UserError(f"--arithmetic: set {name} holds {s!r}, not an image index "
-                                f"(a whole number from 0 to {n - 1})")
+                raise UserError(
+                    f"--arithmetic: set {name} holds {s!r}, not an image index "
+                    f"(a whole number from 0 to {n - 1})"
+                )
             i = int(s)
             if i >= n:
-                raise UserError(f"--arithmetic: index {i} in set {name} is outside the grid of "
-                                f"{n} samples (0 to {n - 1}); raise --n or pick another image")
+                raise UserError(
+                    f"--arithmetic: index {i} in set {name} is outside the grid of "
+                    f"{n} samples (0 to {n - 1}); raise --n or pick another image"
+                )
             indices.append(i)
         sets.append(indices)
     return sets[0], sets[1], sets[2]
 
 
-def arithmetic_latents(z_bank: torch.Tensor, a_idx: list[int], b_idx: list[int],
-                       c_idx: list[int], n_noisy: int = 8, noise: float = 0.25,
-                       seed: int = 0) -> torch.Tensor:
+def arithmetic_latents(
+    z_bank: torch.Tensor,
+    a_idx: list[int],
+    b_idx: list[int],
+    c_idx: list[int],
+    n_noisy: int = 8,
+    noise: float = 0.25,
+    seed: int = 0,
+) -> torch.Tensor:
     """(4 + n_noisy, nz): [mean A, mean B, mean C, Y = A - B + C, Y + U(-noise, noise)...].
 
     z_bank: (n, nz). The noisy copies show the neighbourhood of Y, as the paper's
@@ -166,10 +183,16 @@ def arithmetic_latents(z_bank: torch.Tensor, a_idx: list[int], b_idx: list[int],
     return torch.cat([torch.stack([*means, y]), y + jitter.to(z.dtype)])
 
 
-def vector_arithmetic(g: Decoder, z_bank: torch.Tensor, a_idx: list[int], b_idx: list[int],
-                      c_idx: list[int], n_noisy: int = 8, noise: float = 0.25,
-                      seed: int = 0) -> torch.Tensor:
+def vector_arithmetic(
+    g: Decoder,
+    z_bank: torch.Tensor,
+    a_idx: list[int],
+    b_idx: list[int],
+    c_idx: list[int],
+    n_noisy: int = 8,
+    noise: float = 0.25,
+    seed: int = 0,
+) -> torch.Tensor:
     """Images (4 + n_noisy, C, R, R) of `arithmetic_latents`: the three set means, the
     result, then its noisy neighbours. Save with nrow=ARITHMETIC_NROW."""
     return decode(g, arithmetic_latents(z_bank, a_idx, b_idx, c_idx, n_noisy, noise, seed))
-

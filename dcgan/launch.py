@@ -42,9 +42,15 @@ class Plan:
     force: bool  # clear a folder that already holds a run
 
 
-def plan(preset: str = "fmnist32", overrides: Mapping[str, Any] | None = None, *,
-         config: str | Path | None = None, out: str | Path | None = None,
-         resume: str | Path | None = None, force: bool = False) -> Plan:
+def plan(
+    preset: str = "fmnist32",
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config: str | Path | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+) -> Plan:
     """Resolve a training request; nothing is written. Raises UserError for mistakes.
 
     overrides: flat config fields (`{"kimg": 300, "d_lr": 1e-4}`), strictly checked.
@@ -67,14 +73,17 @@ def plan(preset: str = "fmnist32", overrides: Mapping[str, Any] | None = None, *
         # continue from the run's last complete checkpoint instead of refusing the folder
         resume = out
         overrides = {k: v for k, v in overrides.items() if k in RESUMABLE}
-        print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {out}",
-              file=sys.stderr)
+        print(
+            f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {out}", file=sys.stderr
+        )
     if resume:
         run = RunDir(resume)
         extra = set(overrides) - set(RESUMABLE)
         if extra:
-            raise UserError("--resume continues the run with its own config; only --kimg and "
-                            f"--device may change (got --{', --'.join(sorted(extra))})")
+            raise UserError(
+                "--resume continues the run with its own config; only --kimg and "
+                f"--device may change (got --{', --'.join(sorted(extra))})"
+            )
         if run.checkpoint.is_file():
             state = checkpoint.load_state(run.checkpoint)
             cfg = apply_overrides(Config.from_dict(state["config"]), overrides)
@@ -82,16 +91,24 @@ def plan(preset: str = "fmnist32", overrides: Mapping[str, Any] | None = None, *
             # stopped before its first checkpoint: nothing to continue, so the run starts
             # again from its own config (what it had written is of a run that is gone)
             cfg = apply_overrides(run.read_config(), overrides)
-            print(f"{run.path} has no {run.checkpoint.name} yet: starting it again from its "
-                  f"{run.config.name}", file=sys.stderr)
+            print(
+                f"{run.path} has no {run.checkpoint.name} yet: starting it again from its "
+                f"{run.config.name}",
+                file=sys.stderr,
+            )
         else:
-            raise UserError(f"--resume {run.path}: not a run folder (no {run.checkpoint.name} "
-                            f"or {run.config.name})")
+            raise UserError(
+                f"--resume {run.path}: not a run folder (no {run.checkpoint.name} "
+                f"or {run.config.name})"
+            )
         folder = run.path
     else:
         # a config file (e.g. dcgan tune's best.json) replaces the preset; overrides apply
-        cfg = (apply_overrides(load_json(str(config)), overrides) if config
-               else from_preset(preset, overrides))
+        cfg = (
+            apply_overrides(load_json(str(config)), overrides)
+            if config
+            else from_preset(preset, overrides)
+        )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = Path(out) if out else Path("runs") / f"{preset}-{stamp}"
     device = resolve_device(cfg.train.device)  # cuda without CUDA: one line, before any work

@@ -22,21 +22,27 @@ import torch
 import torch.nn.functional as F
 
 
-def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor,
-           target_real: torch.Tensor, target_fake: torch.Tensor) -> torch.Tensor:
+def d_loss(
+    logits_real: torch.Tensor,
+    logits_fake: torch.Tensor,
+    target_real: torch.Tensor,
+    target_fake: torch.Tensor,
+) -> torch.Tensor:
     """-[log D(x) + log(1 - D(G(z)))] averaged over the batch, with soft/flipped targets.
 
     With targets 1 and 0 this is the negated objective D ascends in Goodfellow et
     al.'s Algorithm 1; `target_real` < 1 is one-sided label smoothing.
     """
-    return (F.binary_cross_entropy_with_logits(logits_real.float(), target_real)
-            + F.binary_cross_entropy_with_logits(logits_fake.float(), target_fake))
+    return F.binary_cross_entropy_with_logits(
+        logits_real.float(), target_real
+    ) + F.binary_cross_entropy_with_logits(logits_fake.float(), target_fake)
 
 
 def g_loss_nonsat(logits_fake: torch.Tensor) -> torch.Tensor:
     """-log D(G(z)): the non-saturating loss Goodfellow et al. recommend in practice."""
-    return F.binary_cross_entropy_with_logits(logits_fake.float(), torch.ones_like(
-        logits_fake, dtype=torch.float32))
+    return F.binary_cross_entropy_with_logits(
+        logits_fake.float(), torch.ones_like(logits_fake, dtype=torch.float32)
+    )
 
 
 def g_loss_minimax(logits_fake: torch.Tensor) -> torch.Tensor:
@@ -44,8 +50,9 @@ def g_loss_minimax(logits_fake: torch.Tensor) -> torch.Tensor:
 
     log(1 - sigmoid(l)) = -softplus(l) = -BCE(l, target 0).
     """
-    return -F.binary_cross_entropy_with_logits(logits_fake.float(), torch.zeros_like(
-        logits_fake, dtype=torch.float32))
+    return -F.binary_cross_entropy_with_logits(
+        logits_fake.float(), torch.zeros_like(logits_fake, dtype=torch.float32)
+    )
 
 
 G_LOSSES = {"nonsat": g_loss_nonsat, "minimax": g_loss_minimax}
@@ -55,10 +62,16 @@ def d_loss_hinge(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
 
 
-def d_loss_lsgan(logits_real: torch.Tensor, logits_fake: torch.Tensor,
-                 target_real: torch.Tensor, target_fake: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((logits_real.float() - target_real) ** 2).mean() + 0.5 * (
-        (logits_fake.float() - target_fake) ** 2).mean()
+def d_loss_lsgan(
+    logits_real: torch.Tensor,
+    logits_fake: torch.Tensor,
+    target_real: torch.Tensor,
+    target_fake: torch.Tensor,
+) -> torch.Tensor:
+    return (
+        0.5 * ((logits_real.float() - target_real) ** 2).mean()
+        + 0.5 * ((logits_fake.float() - target_fake) ** 2).mean()
+    )
 
 
 def g_loss_lsgan(logits_fake: torch.Tensor) -> torch.Tensor:
@@ -75,8 +88,13 @@ def g_loss_critic(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.float().mean()
 
 
-def discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor,
-                       target_real: torch.Tensor, target_fake: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(
+    kind: str,
+    logits_real: torch.Tensor,
+    logits_fake: torch.Tensor,
+    target_real: torch.Tensor,
+    target_fake: torch.Tensor,
+) -> torch.Tensor:
     if kind == "bce":
         return d_loss(logits_real, logits_fake, target_real, target_fake)
     if kind == "lsgan":
@@ -121,8 +139,9 @@ def r1_penalty(d, x_real: torch.Tensor) -> torch.Tensor:
     return 0.5 * (_input_grad(d, x_real) ** 2).sum(dim=1).mean()
 
 
-def d_targets(batch: int, label_smoothing: float, label_flip: float,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def d_targets(
+    batch: int, label_smoothing: float, label_flip: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets (batch,) for D's real and fake terms.
 
     Real targets are 1 - label_smoothing (one-sided smoothing, Salimans et al.

@@ -50,8 +50,11 @@ def native_bf16(isa: dict[str, Any]) -> bool:
     arithmetic and torch dispatches to its AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2
     or ONEDNN_MAX_CPU_ISA=AVX2 turn them off, and with them native bf16)."""
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return bool((isa["avx512_bf16"] or isa["amx"]) and isa["capability"] == "AVX512"
-                and (onednn_cap == "ALL" or "AVX512" in onednn_cap or "AMX" in onednn_cap))
+    return bool(
+        (isa["avx512_bf16"] or isa["amx"])
+        and isa["capability"] == "AVX512"
+        and (onednn_cap == "ALL" or "AVX512" in onednn_cap or "AMX" in onednn_cap)
+    )
 
 
 def isa_label(isa: dict[str, Any]) -> str:
@@ -60,8 +63,7 @@ def isa_label(isa: dict[str, Any]) -> str:
     run at AVX2, e.g. by ATEN_CPU_CAPABILITY, is labelled AVX2)."""
     if native_bf16(isa):
         return "AMX" if isa["amx"] else "AVX-512 BF16"
-    return {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(str(isa["capability"]),
-                                                     str(isa["capability"]))
+    return {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(str(isa["capability"]), str(isa["capability"]))
 
 
 def memory_gib() -> float | None:
@@ -80,8 +82,15 @@ def gpus() -> list[dict[str, Any]]:
         p = torch.cuda.get_device_properties(i)
         with torch.cuda.device(i):
             bf16 = torch.cuda.is_bf16_supported()
-        out.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                    "capability": f"{p.major}.{p.minor}", "bf16": bool(bf16)})
+        out.append(
+            {
+                "index": i,
+                "name": p.name,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}",
+                "bf16": bool(bf16),
+            }
+        )
     return out
 
 
@@ -97,8 +106,12 @@ def facts() -> dict[str, Any]:
     """Everything `dcgan info` shows, as JSON values."""
     mem = memory_gib()
     return {
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                **cpu_isa()},
+        "cpu": {
+            "model": cpu_model(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            **cpu_isa(),
+        },
         "memory_gib": round(mem, 1) if mem is not None else None,
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -71,13 +71,19 @@ def check_fits(need: int, device: torch.device, what: str, fix: str) -> None:
     """One line when `need` bytes exceed what `device` has free."""
     have = available_bytes(device)
     if need > have:
-        raise UserError(f"{what} needs at least {need / 1e9:,.1f} GB of memory; "
-                        f"{have / 1e9:,.1f} GB are free on {device}: {fix}")
+        raise UserError(
+            f"{what} needs at least {need / 1e9:,.1f} GB of memory; "
+            f"{have / 1e9:,.1f} GB are free on {device}: {fix}"
+        )
 
 
 def check_training(cfg: Config, device: torch.device) -> None:
     nc = cfg.data.channels or 3  # before the data is read: the larger of the two
     need, g_params, d_params = training_bytes(cfg, nc)
-    check_fits(need, device,
-               f"training at batch {cfg.train.batch} and {cfg.data.resolution}px (G "
-               f"{g_params:,} and D {d_params:,} parameters)", "lower --batch, --ngf or --ndf")
+    check_fits(
+        need,
+        device,
+        f"training at batch {cfg.train.batch} and {cfg.data.resolution}px (G "
+        f"{g_params:,} and D {d_params:,} parameters)",
+        "lower --batch, --ngf or --ndf",
+    )

@@ -41,8 +41,21 @@ if TYPE_CHECKING:
 NEEDS = ("features", "logits", "images", "n")
 # the keys of a result that belong to the comparison, not to a metric (dcgan.evaluate
 # writes them); no metric may declare one
-METADATA = ("a", "b", "n", "n_requested", "features", "resolution", "channels", "device",
-            "classifier_test_accuracy", "time", "timings", "date", "dcgan_version")
+METADATA = (
+    "a",
+    "b",
+    "n",
+    "n_requested",
+    "features",
+    "resolution",
+    "channels",
+    "device",
+    "classifier_test_accuracy",
+    "time",
+    "timings",
+    "date",
+    "dcgan_version",
+)
 IS_SPLITS = 10
 
 Rows = Callable[[dict[str, Any]], list[tuple[str, str]]]
@@ -105,14 +118,20 @@ class Metric:
 REGISTRY: dict[str, Metric] = {}  # in registration order: the order of the table and JSON
 
 
-def metric(name: str, *, needs: Iterable[str], fields: Iterable[str] | None = None,
-           rows: Rows | None = None) -> Callable[[Callable], Callable]:
+def metric(
+    name: str,
+    *,
+    needs: Iterable[str],
+    fields: Iterable[str] | None = None,
+    rows: Rows | None = None,
+) -> Callable[[Callable], Callable]:
     """Register the decorated function as the metric `name`.
 
     fields: the result keys it writes (default: just `name`); rows: the table rows
     from a result (default: one per field, "value" or "mean ± std"). The first
     paragraph of its docstring is its help.
     """
+
     def register(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         keys = tuple(fields) if fields is not None else (name,)
         wants = tuple(needs)
@@ -121,14 +140,17 @@ def metric(name: str, *, needs: Iterable[str], fields: Iterable[str] | None = No
         if "," in name or name != name.strip().lower() or not name:
             raise ValueError(f"metric name {name!r}: lower case, no commas (--metrics a,b)")
         if set(wants) - set(NEEDS):
-            raise ValueError(f"metric {name!r} needs {sorted(set(wants) - set(NEEDS))}: "
-                             f"inputs are {', '.join(NEEDS)}")
+            raise ValueError(
+                f"metric {name!r} needs {sorted(set(wants) - set(NEEDS))}: "
+                f"inputs are {', '.join(NEEDS)}"
+            )
         taken = set(METADATA).union(*(m.fields for m in REGISTRY.values()))
         if taken & set(keys):
             raise ValueError(f"metric {name!r} would overwrite {sorted(taken & set(keys))}")
         help_ = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
         REGISTRY[name] = Metric(name, fn, wants, keys, rows or _default_rows(keys), help_)
         return fn
+
     return register
 
 
@@ -171,8 +193,9 @@ def table_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def help_text() -> str:
     """--metrics' help: each name with its help."""
-    listed = "; ".join(f"{m.name}: {m.help.rstrip('.')}" if m.help else m.name
-                       for m in REGISTRY.values())
+    listed = "; ".join(
+        f"{m.name}: {m.help.rstrip('.')}" if m.help else m.name for m in REGISTRY.values()
+    )
     return f"comma-separated, any of {','.join(REGISTRY)} ({listed})".replace("%", "%%")
 
 
@@ -211,9 +234,15 @@ def kid(features: Pair) -> dict[str, Any]:
     return {"kid": list(kid_from_features(features.a.array, features.b.array))}
 
 
-@metric("pr", needs=("features",), fields=("precision", "recall"),
-        rows=lambda r: [("precision (k=3)", f"{r['precision']:.4f}"),
-                        ("recall (k=3)", f"{r['recall']:.4f}")])
+@metric(
+    "pr",
+    needs=("features",),
+    fields=("precision", "recall"),
+    rows=lambda r: [
+        ("precision (k=3)", f"{r['precision']:.4f}"),
+        ("recall (k=3)", f"{r['recall']:.4f}"),
+    ],
+)
 def precision_recall(features: Pair) -> dict[str, Any]:
     """precision (how much of A lies on B's manifold) and recall (the reverse), k=3."""
     from dcgan.metrics import precision_recall as pr
@@ -233,9 +262,19 @@ def _score_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-@metric("is", needs=("logits",), rows=_score_rows,
-        fields=("is", "is_b", "is_features",
-                "classifier_score", "classifier_score_b", "classifier_score_features"))
+@metric(
+    "is",
+    needs=("logits",),
+    rows=_score_rows,
+    fields=(
+        "is",
+        "is_b",
+        "is_features",
+        "classifier_score",
+        "classifier_score_b",
+        "classifier_score_features",
+    ),
+)
 def inception_score(logits: Logits) -> dict[str, Any]:
     """Inception Score of A, [mean, std] (B's as is_b), or the classifier score over the
     domain classifier's logits.
@@ -246,14 +285,21 @@ def inception_score(logits: Logits) -> dict[str, Any]:
     from dcgan.metrics import inception_score as score
 
     name = "is" if logits.kind == "inception" else "classifier_score"
-    out = {name + suffix: list(score(z, splits=min(IS_SPLITS, z.shape[0])))
-           for suffix, z in (("", logits.a), ("_b", logits.b))}
+    out = {
+        name + suffix: list(score(z, splits=min(IS_SPLITS, z.shape[0])))
+        for suffix, z in (("", logits.a), ("_b", logits.b))
+    }
     return {**out, name + "_features": logits.network}
 
 
-@metric("parzen", needs=("images",), fields=("parzen", "parzen_sigma", "parzen_n"),
-        rows=lambda r: [(f"Parzen log-lik. (sigma {r['parzen_sigma']:.3f})",
-                         _pm(r["parzen"], 1) + " nats")])
+@metric(
+    "parzen",
+    needs=("images",),
+    fields=("parzen", "parzen_sigma", "parzen_n"),
+    rows=lambda r: [
+        (f"Parzen log-lik. (sigma {r['parzen_sigma']:.3f})", _pm(r["parzen"], 1) + " nats")
+    ],
+)
 def parzen(images: Pair) -> dict[str, Any]:
     """Parzen-window log-likelihood of B under kernels on A's pixels, nats [mean, stderr].
 
@@ -271,6 +317,12 @@ def parzen(images: Pair) -> dict[str, Any]:
     half = held.shape[0] // 2
     sigma = parzen_select_sigma(centres, held[:half])
     mean, stderr = parzen_log_likelihood(centres, held[half:], sigma)
-    return {"parzen": [mean, stderr], "parzen_sigma": sigma,
-            "parzen_n": {"kernels": int(centres.shape[0]), "validation": half,
-                         "test": int(held.shape[0] - half)}}
+    return {
+        "parzen": [mean, stderr],
+        "parzen_sigma": sigma,
+        "parzen_n": {
+            "kernels": int(centres.shape[0]),
+            "validation": half,
+            "test": int(held.shape[0] - half),
+        },
+    }

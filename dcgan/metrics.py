@@ -87,8 +87,9 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
-                     mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
@@ -103,8 +104,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
     sigma2 = np.asarray(sigma2, dtype=np.float64)
     d = mu1.shape[0]
     if mu2.shape[0] != d or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise UserError(f"statistics have mismatched shapes: mu {mu1.shape} / {mu2.shape}, "
-                        f"sigma {sigma1.shape} / {sigma2.shape}")
+        raise UserError(
+            f"statistics have mismatched shapes: mu {mu1.shape} / {mu2.shape}, "
+            f"sigma {sigma1.shape} / {sigma2.shape}"
+        )
     for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
             raise UserError(f"{name} contains NaN or inf")
@@ -150,8 +153,9 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2 * kxy.sum() / (m * m))
 
 
-def kid_from_features(f1: np.ndarray, f2: np.ndarray, subsets: int = 100,
-                      subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid_from_features(
+    f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID: mean and standard deviation of MMD^2 over `subsets` random subsets.
 
     Each subset draws `subset_size` rows without replacement from each set,
@@ -191,27 +195,27 @@ def knn_radii(x: np.ndarray, k: int = 3, batch: int = 1000) -> np.ndarray:
         raise UserError(f"k-NN with k={k} needs more than {k} samples, got {n}")
     radii = np.empty(n, dtype=np.float64)
     for s in range(0, n, batch):
-        d = _sq_dists(x[s:s + batch], x)  # (b, N)
+        d = _sq_dists(x[s : s + batch], x)  # (b, N)
         # The point itself sits at distance 0 in its own row: force it first so
         # that a duplicate elsewhere counts as a genuine neighbour.
         rows = np.arange(d.shape[0])
         d[rows, s + rows] = -1.0
-        radii[s:s + batch] = np.partition(d, k, axis=1)[:, k]
+        radii[s : s + batch] = np.partition(d, k, axis=1)[:, k]
     return radii
 
 
-def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray,
-              batch: int) -> float:
+def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch: int) -> float:
     """Fraction of `points` inside at least one ball (centre_j, radius_j)."""
     inside = 0
     for s in range(0, points.shape[0], batch):
-        d = _sq_dists(points[s:s + batch], centres)  # (b, M)
+        d = _sq_dists(points[s : s + batch], centres)  # (b, M)
         inside += int((d <= radii[None, :]).any(axis=1).sum())
     return inside / points.shape[0]
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
-                     batch: int = 1000) -> tuple[float, float]:
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 3, batch: int = 1000
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019).
 
     The real manifold is the union of balls around each real feature reaching
@@ -232,8 +236,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
 # Inception Score / classifier score
 
 
-def inception_score(scores: np.ndarray, splits: int = 10,
-                    logits: bool = True) -> tuple[float, float]:
+def inception_score(
+    scores: np.ndarray, splits: int = 10, logits: bool = True
+) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))): mean and std over `splits` consecutive splits.
 
     scores: (N, classes) logits (`logits=True`) or probabilities. The same
@@ -244,8 +249,7 @@ def inception_score(scores: np.ndarray, splits: int = 10,
     if scores.shape[1] < 2:
         raise UserError("the Inception Score needs at least 2 classes")
     if not 1 <= splits <= scores.shape[0]:
-        raise UserError(f"splits must be between 1 and the {scores.shape[0]} samples, "
-                        f"got {splits}")
+        raise UserError(f"splits must be between 1 and the {scores.shape[0]} samples, got {splits}")
     if logits:
         z = scores - scores.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log softmax, (N, K)
@@ -266,8 +270,9 @@ def inception_score(scores: np.ndarray, splits: int = 10,
 # Parzen window log-likelihood
 
 
-def _parzen_log_densities(samples: np.ndarray, test: np.ndarray, sigmas: Sequence[float],
-                          batch: int) -> np.ndarray:
+def _parzen_log_densities(
+    samples: np.ndarray, test: np.ndarray, sigmas: Sequence[float], batch: int
+) -> np.ndarray:
     """log p_sigma(x) for each test row and each sigma: (len(sigmas), T).
 
     p_sigma(x) = 1/N sum_i N(x; s_i, sigma^2 I). Test rows and samples are both
@@ -280,16 +285,16 @@ def _parzen_log_densities(samples: np.ndarray, test: np.ndarray, sigmas: Sequenc
     inv2s2 = 1.0 / (2.0 * sig**2)  # (S,)
     norm = -math.log(n) - 0.5 * d * np.log(2 * math.pi * sig**2)  # (S,)
     for t0 in range(0, test.shape[0], batch):
-        x = np.asarray(test[t0:t0 + batch], dtype=np.float64)  # (b, D)
+        x = np.asarray(test[t0 : t0 + batch], dtype=np.float64)  # (b, D)
         run_max = np.full((sig.shape[0], x.shape[0]), -np.inf)
         run_sum = np.zeros((sig.shape[0], x.shape[0]))
         for s0 in range(0, n, batch):
-            s = np.asarray(samples[s0:s0 + batch], dtype=np.float64)  # (c, D)
+            s = np.asarray(samples[s0 : s0 + batch], dtype=np.float64)  # (c, D)
             e = -_sq_dists(x, s)[None] * inv2s2[:, None, None]  # (S, b, c) exponents
             m = np.maximum(run_max, e.max(axis=2))
             run_sum = run_sum * np.exp(run_max - m) + np.exp(e - m[:, :, None]).sum(axis=2)
             run_max = m
-        out[:, t0:t0 + x.shape[0]] = run_max + np.log(run_sum) + norm[:, None]
+        out[:, t0 : t0 + x.shape[0]] = run_max + np.log(run_sum) + norm[:, None]
     return out
 
 
@@ -298,12 +303,15 @@ def _check_parzen(samples: np.ndarray, other: np.ndarray, what: str) -> None:
         if a.ndim != 2 or a.shape[0] < 1:
             raise UserError(f"Parzen {name} must be a non-empty (N, D) array, got {a.shape}")
     if samples.shape[1] != other.shape[1]:
-        raise UserError(f"Parzen samples and {what} have different dimensions: "
-                        f"{samples.shape[1]} vs {other.shape[1]}")
+        raise UserError(
+            f"Parzen samples and {what} have different dimensions: "
+            f"{samples.shape[1]} vs {other.shape[1]}"
+        )
 
 
-def parzen_log_likelihood(samples: np.ndarray, test: np.ndarray, sigma: float,
-                          batch: int = 500) -> tuple[float, float]:
+def parzen_log_likelihood(
+    samples: np.ndarray, test: np.ndarray, sigma: float, batch: int = 500
+) -> tuple[float, float]:
     """Mean log-likelihood of `test` under a Gaussian Parzen window on `samples`.
 
     samples: (N, D) generated images, test: (T, D) held-out images, both
@@ -322,8 +330,12 @@ def parzen_log_likelihood(samples: np.ndarray, test: np.ndarray, sigma: float,
 PARZEN_SIGMAS = tuple(float(s) for s in np.logspace(-1.0, 0.0, 10))  # Goodfellow's grid
 
 
-def parzen_select_sigma(samples: np.ndarray, validation: np.ndarray,
-                        sigmas: Sequence[float] = PARZEN_SIGMAS, batch: int = 500) -> float:
+def parzen_select_sigma(
+    samples: np.ndarray,
+    validation: np.ndarray,
+    sigmas: Sequence[float] = PARZEN_SIGMAS,
+    batch: int = 500,
+) -> float:
     """The sigma in `sigmas` that maximises the mean validation log-likelihood."""
     samples, validation = np.asarray(samples), np.asarray(validation)
     _check_parzen(samples, validation, "validation")

@@ -34,8 +34,9 @@ def block_widths(base: int, resolution: int) -> list[int]:
 class Generator(nn.Module):
     """z (N, nz) or (N, nz, 1, 1) -> image (N, nc, R, R) in [-1, 1]."""
 
-    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, resolution: int = 64,
-                 dropout: float = 0.0):
+    def __init__(
+        self, nz: int = 100, ngf: int = 64, nc: int = 3, resolution: int = 64, dropout: float = 0.0
+    ):
         super().__init__()
         self.nz, self.nc, self.resolution = nz, nc, resolution
         widths = block_widths(ngf, resolution)
@@ -49,8 +50,11 @@ class Generator(nn.Module):
             layers.append(nn.Dropout(dropout))
         # each block doubles the side: (w_in) x s x s -> (w_out) x 2s x 2s
         for w_in, w_out in pairwise(widths):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(w_out), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w_out),
+                nn.ReLU(True),
+            ]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         # (ngf) x R/2 x R/2 -> (nc) x R x R
@@ -69,12 +73,17 @@ class Discriminator(nn.Module):
         self.nc, self.resolution = nc, resolution
         widths = block_widths(ndf, resolution)[::-1]  # 64x64: [64, 128, 256, 512]
         # (nc) x R x R -> (ndf) x R/2 x R/2; no BatchNorm on D's input layer (paper)
-        layers: list[nn.Module] = [nn.Conv2d(nc, widths[0], 4, 2, 1, bias=False),
-                                   nn.LeakyReLU(0.2, inplace=True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(nc, widths[0], 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
         # each block halves the side: (w_in) x s x s -> (w_out) x s/2 x s/2
         for w_in, w_out in pairwise(widths):
-            layers += [nn.Conv2d(w_in, w_out, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(w_out), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [
+                nn.Conv2d(w_in, w_out, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w_out),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
         # (widths[-1]) x 4 x 4 -> 1 x 1 x 1: one logit per image
         layers.append(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)

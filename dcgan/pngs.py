@@ -60,9 +60,15 @@ def _write(images: np.ndarray, paths: list[Path]) -> int:
     return len(paths)
 
 
-def write_samples(g: torch.nn.Module, n: int, out_dir: str | Path, seed: int = 0,
-                  truncation: float | None = None, progress: bool = True,
-                  workers: int | None = None) -> Path:
+def write_samples(
+    g: torch.nn.Module,
+    n: int,
+    out_dir: str | Path,
+    seed: int = 0,
+    truncation: float | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
     """Write n samples of the eval-mode generator g as out_dir/00000.png, 00001.png, ...
 
     The names have at least five digits (more when n > 100,000), so their sorted order
@@ -78,8 +84,10 @@ def write_samples(g: torch.nn.Module, n: int, out_dir: str | Path, seed: int = 0
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out-dir {out} is not empty: give a new (or empty) folder, so that "
-                        "no earlier image is mixed into this set")
+        raise UserError(
+            f"--out-dir {out} is not empty: give a new (or empty) folder, so that "
+            "no earlier image is mixed into this set"
+        )
     z = latent.latent_bank(n, g.nz, seed, truncation)  # (n, nz), the bank of dcgan sample
     width = max(5, len(str(n - 1)))
     workers = workers or os.cpu_count() or 1
@@ -87,8 +95,10 @@ def write_samples(g: torch.nn.Module, n: int, out_dir: str | Path, seed: int = 0
     def fill(folder: Path) -> None:
         pending: deque[Future] = deque()
         start = 0
-        with ThreadPoolExecutor(workers) as pool, tqdm(
-                total=n, unit="img", desc="png", disable=not progress, dynamic_ncols=True) as bar:
+        with (
+            ThreadPoolExecutor(workers) as pool,
+            tqdm(total=n, unit="img", desc="png", disable=not progress, dynamic_ncols=True) as bar,
+        ):
             for batch in uint8_batches(g, z):  # (b, C, R, R) uint8, one batch in memory
                 images = batch.numpy()
                 names = [folder / f"{i:0{width}d}.png" for i in range(start, start + len(images))]
@@ -96,8 +106,9 @@ def write_samples(g: torch.nn.Module, n: int, out_dir: str | Path, seed: int = 0
                 for part in np.array_split(np.arange(len(images)), workers):
                     if len(part):
                         job = pool.submit(_write, images[part], [names[i] for i in part])
-                        job.add_done_callback(lambda f: bar.update(f.result()) if not
-                                              f.exception() else None)
+                        job.add_done_callback(
+                            lambda f: bar.update(f.result()) if not f.exception() else None
+                        )
                         pending.append(job)
                 while len(pending) > MAX_PENDING * workers:
                     pending.popleft().result()  # raises a worker's error here

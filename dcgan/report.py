@@ -73,8 +73,15 @@ def read_run(path: str | Path) -> Run:
             machine = {}  # only shown on the page: a damaged one is left out
         machine = machine if isinstance(machine, dict) else {}
     events = [e for e in read_stats(rd.events, EVENTS_FIELDS) if isinstance(e.get("event"), str)]
-    return Run(rd.path, config, read_stats(rd.stats, STATS_FIELDS),
-               read_stats(rd.metrics, METRICS_FIELDS), events, machine, rd.grids())
+    return Run(
+        rd.path,
+        config,
+        read_stats(rd.stats, STATS_FIELDS),
+        read_stats(rd.metrics, METRICS_FIELDS),
+        events,
+        machine,
+        rd.grids(),
+    )
 
 
 # ---------------------------------------------------------------------------- charts
@@ -85,8 +92,9 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _figure(title: str, runs: list[Run], keys: list[tuple[str, str, str]], y_title: str,
-            events: bool = True):
+def _figure(
+    title: str, runs: list[Run], keys: list[tuple[str, str, str]], y_title: str, events: bool = True
+):
     """One chart: for each run and (source, key, label), a line against kimg."""
     import plotly.graph_objects as go
 
@@ -96,53 +104,97 @@ def _figure(title: str, runs: list[Run], keys: list[tuple[str, str, str]], y_tit
         for source, key, label in keys:
             x, y = _series(getattr(run, source), key)
             if x:
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=prefix + label,
-                                         marker={"size": 4}))
+                fig.add_trace(
+                    go.Scatter(
+                        x=x, y=y, mode="lines+markers", name=prefix + label, marker={"size": 4}
+                    )
+                )
         if any(k[0] == "metrics" for k in keys) and run.metrics:  # the best snapshot
             best = [r for r in run.metrics if r.get("best")]
             if best:
                 b = best[-1]
-                fig.add_trace(go.Scatter(x=[b["kimg"]], y=[b["fid"]], mode="markers",
-                                         name=prefix + "best snapshot",
-                                         marker={"size": 12, "symbol": "star"}))
+                fig.add_trace(
+                    go.Scatter(
+                        x=[b["kimg"]],
+                        y=[b["fid"]],
+                        mode="markers",
+                        name=prefix + "best snapshot",
+                        marker={"size": 12, "symbol": "star"},
+                    )
+                )
         if events:
             for e in run.events:
                 at = e.get("at_kimg", e.get("kimg"))
                 if is_number(at) and e["event"] in ("rollback", "warning"):
-                    fig.add_vline(x=at, line_dash="dot", line_color="red" if e["event"] ==
-                                  "rollback" else "orange")
-    fig.update_layout(title=title, xaxis_title="kimg", yaxis_title=y_title, height=320,
-                      margin={"l": 50, "r": 20, "t": 40, "b": 40}, template="plotly_white")
+                    fig.add_vline(
+                        x=at,
+                        line_dash="dot",
+                        line_color="red" if e["event"] == "rollback" else "orange",
+                    )
+    fig.update_layout(
+        title=title,
+        xaxis_title="kimg",
+        yaxis_title=y_title,
+        height=320,
+        margin={"l": 50, "r": 20, "t": 40, "b": 40},
+        template="plotly_white",
+    )
     return fig
 
 
 def _charts(runs: list[Run]) -> list[tuple[str, Any]]:
     charts = [
-        ("losses", _figure("Losses", runs, [("stats", "loss_d", "D loss"),
-                                             ("stats", "loss_g", "G loss")], "loss")),
-        ("d-outputs", _figure("D's outputs (sigmoid of the logits)", runs, [
-            ("stats", "d_real", "D(x)"), ("stats", "d_fake", "D(G(z))")], "mean")),
-        ("speed", _figure("Speed", runs, [("stats", "img_per_s", "img/s")], "images/s",
-                          events=False)),
-        ("memory", _figure("Peak memory", runs, [("stats", "peak_mem_mb", "peak MB")], "MB",
-                           events=False)),
+        (
+            "losses",
+            _figure(
+                "Losses",
+                runs,
+                [("stats", "loss_d", "D loss"), ("stats", "loss_g", "G loss")],
+                "loss",
+            ),
+        ),
+        (
+            "d-outputs",
+            _figure(
+                "D's outputs (sigmoid of the logits)",
+                runs,
+                [("stats", "d_real", "D(x)"), ("stats", "d_fake", "D(G(z))")],
+                "mean",
+            ),
+        ),
+        (
+            "speed",
+            _figure("Speed", runs, [("stats", "img_per_s", "img/s")], "images/s", events=False),
+        ),
+        (
+            "memory",
+            _figure("Peak memory", runs, [("stats", "peak_mem_mb", "peak MB")], "MB", events=False),
+        ),
     ]
     if any(r.metrics for r in runs):
-        charts.append(("fid", _figure("FID (lower is better)", runs,
-                                      [("metrics", "fid", "FID")], "FID")))
+        charts.append(
+            ("fid", _figure("FID (lower is better)", runs, [("metrics", "fid", "FID")], "FID"))
+        )
         if any("kid" in m for r in runs for m in r.metrics):
             import plotly.graph_objects as go
 
             fig = go.Figure()
             for run in runs:
-                pts = [(m["kimg"], m["kid"][0]) for m in run.metrics
-                       if isinstance(m.get("kid"), list) and m["kid"]
-                       and is_number(m["kid"][0])]
+                pts = [
+                    (m["kimg"], m["kid"][0])
+                    for m in run.metrics
+                    if isinstance(m.get("kid"), list) and m["kid"] and is_number(m["kid"][0])
+                ]
                 if pts:
-                    fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
-                                             mode="lines+markers", name=f"{run.name} KID"))
-            fig.update_layout(title="KID", xaxis_title="kimg", height=320,
-                              template="plotly_white")
+                    fig.add_trace(
+                        go.Scatter(
+                            x=[p[0] for p in pts],
+                            y=[p[1] for p in pts],
+                            mode="lines+markers",
+                            name=f"{run.name} KID",
+                        )
+                    )
+            fig.update_layout(title="KID", xaxis_title="kimg", height=320, template="plotly_white")
             charts.append(("kid", fig))
     return charts
 
@@ -155,8 +207,7 @@ def _data_uri(path: Path) -> str:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                   for k, v in rows)
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 
@@ -165,11 +216,18 @@ def _machine_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
         return [("machine", "not recorded (a run from before machine.json existed)")]
     # machine.json is only shown: a field of the wrong type shows as missing
     cpu = m.get("cpu") if isinstance(m.get("cpu"), dict) else {}
-    rows = [("CPU", f"{cpu.get('model')} ({cpu.get('cores')} cores, torch threads "
-                    f"{cpu.get('threads')}, dispatch {cpu.get('capability')})"),
-            ("memory", f"{m.get('memory_gib')} GiB"),
-            ("versions", f"python {m.get('python')}, torch {m.get('torch')}, "
-                         f"CUDA {m.get('cuda') or '-'}")]
+    rows = [
+        (
+            "CPU",
+            f"{cpu.get('model')} ({cpu.get('cores')} cores, torch threads "
+            f"{cpu.get('threads')}, dispatch {cpu.get('capability')})",
+        ),
+        ("memory", f"{m.get('memory_gib')} GiB"),
+        (
+            "versions",
+            f"python {m.get('python')}, torch {m.get('torch')}, CUDA {m.get('cuda') or '-'}",
+        ),
+    ]
     gpus = m.get("gpus") if isinstance(m.get("gpus"), list) else []
     for g in gpus:
         g = g if isinstance(g, dict) else {}
@@ -218,10 +276,12 @@ def _scrubber(run: Run, key: str) -> str:
         return "<p>no sample grids yet</p>"
     data = [[round(n / 1000, 3), _data_uri(p)] for n, p in run.grids]
     last = len(data) - 1
-    return (f'<figure><img class="grid" id="{key}-img" alt="fixed-noise grid"><figcaption>'
-            f'<input type="range" id="{key}-slider" min="0" max="{last}" value="0">'
-            f' <span id="{key}-label"></span> ({html.escape(run.name)})</figcaption></figure>'
-            f"<script>scrubber({json.dumps(key)}, {json.dumps(data)});</script>")
+    return (
+        f'<figure><img class="grid" id="{key}-img" alt="fixed-noise grid"><figcaption>'
+        f'<input type="range" id="{key}-slider" min="0" max="{last}" value="0">'
+        f' <span id="{key}-label"></span> ({html.escape(run.name)})</figcaption></figure>'
+        f"<script>scrubber({json.dumps(key)}, {json.dumps(data)});</script>"
+    )
 
 
 def _page(title: str, body: str, charts: list[tuple[str, Any]], tail: str = "") -> str:
@@ -229,22 +289,31 @@ def _page(title: str, body: str, charts: list[tuple[str, Any]], tail: str = "") 
 
     divs = "".join(
         f'<div class="chart" id="chart-{name}">'
-        f'{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{name}")}</div>'
-        for name, fig in charts)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{STYLE}</style><script>{get_plotlyjs()}</script>"
-            f"<script>{SCRUB}</script></head><body>{body}<h2>Charts</h2>{divs}{tail}"
-            "</body></html>")
+        f"{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f'plot-{name}')}</div>"
+        for name, fig in charts
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{STYLE}</style><script>{get_plotlyjs()}</script>"
+        f"<script>{SCRUB}</script></head><body>{body}<h2>Charts</h2>{divs}{tail}"
+        "</body></html>"
+    )
 
 
 def _events_table(run: Run) -> str:
     rows = [e for e in run.events if e.get("event") != "settings"]
     if not rows:
         return "<p>none</p>"
-    return _table([(f"{e.get('at_kimg', e.get('kimg', '?'))} kimg: {e['event']}",
-                    e.get("message") or json.dumps({k: v for k, v in e.items()
-                                                    if k not in ("event", "time")}))
-                   for e in rows])
+    return _table(
+        [
+            (
+                f"{e.get('at_kimg', e.get('kimg', '?'))} kimg: {e['event']}",
+                e.get("message")
+                or json.dumps({k: v for k, v in e.items() if k not in ("event", "time")}),
+            )
+            for e in rows
+        ]
+    )
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -253,28 +322,41 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else RunDir(run.path).report
     last = run.stats[-1] if run.stats else {}
     settings = next((e for e in run.events if e.get("event") == "settings"), None)
-    summary = [("status", run.status), ("kimg", f"{last.get('kimg', 0)} of "
-                                                f"{run.config.get('train', {}).get('kimg')}"),
-               ("ticks", str(len(run.stats)))]
+    summary = [
+        ("status", run.status),
+        ("kimg", f"{last.get('kimg', 0)} of {run.config.get('train', {}).get('kimg')}"),
+        ("ticks", str(len(run.stats))),
+    ]
     if last:
-        summary += [("last losses", f"D {last['loss_d']:.3f}, G {last['loss_g']:.3f}"),
-                    ("last D(x), D(G(z))", f"{last['d_real']:.3f}, {last['d_fake']:.3f}")]
+        summary += [
+            ("last losses", f"D {last['loss_d']:.3f}, G {last['loss_g']:.3f}"),
+            ("last D(x), D(G(z))", f"{last['d_real']:.3f}, {last['d_fake']:.3f}"),
+        ]
     if run.metrics:
         best = min(run.metrics, key=lambda m: m["fid"])
         summary.append(("best FID", f"{best['fid']:.2f} at {best['kimg']} kimg"))
     if settings and all(k in settings for k in ("precision", "channels_last", "how")):
-        summary.append(("precision, layout", f"{settings['precision']}, "
-                        f"{'channels-last' if settings['channels_last'] else 'NCHW'} "
-                        f"({settings['how']})"))
-    body = (f"<h1>dcgan run {html.escape(run.name)} "
-            f"<span class='status {run.status.replace(' ', '-')}' id='status'>{run.status}"
-            "</span></h1>"
-            f"{_table(summary)}<h2>Fixed-noise samples (G-EMA), tick by tick</h2>"
-            f"<div class='grids'>{_scrubber(run, 'run')}</div>")
-    tail = (f"<h2>Events</h2>{_events_table(run)}"
-            f"<h2>Machine</h2>{_table(_machine_rows(run.machine))}"
-            f"<h2>Config (resolved)</h2><pre>{html.escape(json.dumps(run.config, indent=2))}"
-            f"</pre>")
+        summary.append(
+            (
+                "precision, layout",
+                f"{settings['precision']}, "
+                f"{'channels-last' if settings['channels_last'] else 'NCHW'} "
+                f"({settings['how']})",
+            )
+        )
+    body = (
+        f"<h1>dcgan run {html.escape(run.name)} "
+        f"<span class='status {run.status.replace(' ', '-')}' id='status'>{run.status}"
+        "</span></h1>"
+        f"{_table(summary)}<h2>Fixed-noise samples (G-EMA), tick by tick</h2>"
+        f"<div class='grids'>{_scrubber(run, 'run')}</div>"
+    )
+    tail = (
+        f"<h2>Events</h2>{_events_table(run)}"
+        f"<h2>Machine</h2>{_table(_machine_rows(run.machine))}"
+        f"<h2>Config (resolved)</h2><pre>{html.escape(json.dumps(run.config, indent=2))}"
+        f"</pre>"
+    )
     atomic.write_text(out, _page(f"dcgan {run.name}", body, _charts([run]), tail))
     return out
 
@@ -285,8 +367,7 @@ def compare_runs(run_dirs: list[str], out: str | Path) -> tuple[Path, str]:
     if len(run_dirs) < 2:
         raise UserError("dcgan compare needs at least two run folders")
     runs = [read_run(r) for r in run_dirs]
-    lines = [f"{'run':<28} {'status':<10} {'kimg':>9} {'img/s':>8} {'last FID':>9} "
-             f"{'best FID':>9}"]
+    lines = [f"{'run':<28} {'status':<10} {'kimg':>9} {'img/s':>8} {'last FID':>9} {'best FID':>9}"]
     rows = []
     for r in runs:
         speeds = sorted(s["img_per_s"] for s in r.stats)
@@ -294,20 +375,30 @@ def compare_runs(run_dirs: list[str], out: str | Path) -> tuple[Path, str]:
         last_fid = r.metrics[-1]["fid"] if r.metrics else float("nan")
         best_fid = min((m["fid"] for m in r.metrics), default=float("nan"))
         kimg = r.stats[-1]["kimg"] if r.stats else 0.0
-        lines.append(f"{r.name:<28} {r.status:<10} {kimg:>9.3f} {rate:>8.1f} "
-                     f"{last_fid:>9.2f} {best_fid:>9.2f}")
-        rows.append((r.name, f"{r.status}, {kimg} kimg, median {rate:.0f} img/s, last FID "
-                             f"{last_fid:.2f}, best FID {best_fid:.2f}"))
+        lines.append(
+            f"{r.name:<28} {r.status:<10} {kimg:>9.3f} {rate:>8.1f} "
+            f"{last_fid:>9.2f} {best_fid:>9.2f}"
+        )
+        rows.append(
+            (
+                r.name,
+                f"{r.status}, {kimg} kimg, median {rate:.0f} img/s, last FID "
+                f"{last_fid:.2f}, best FID {best_fid:.2f}",
+            )
+        )
     grids = ""
     for r in runs:
         if r.grids:
             n, p = r.grids[-1]
-            grids += (f"<figure><img class='grid' src='{_data_uri(p)}' alt='last grid of "
-                      f"{html.escape(r.name)}'><figcaption>{html.escape(r.name)}, "
-                      f"{n / 1000:.3f} kimg</figcaption></figure>")
-    body = (f"<h1>dcgan compare: {len(runs)} runs</h1>{_table(rows)}"
-            f"<h2>Last fixed-noise grids</h2><div class='grids'>{grids}</div>")
+            grids += (
+                f"<figure><img class='grid' src='{_data_uri(p)}' alt='last grid of "
+                f"{html.escape(r.name)}'><figcaption>{html.escape(r.name)}, "
+                f"{n / 1000:.3f} kimg</figcaption></figure>"
+            )
+    body = (
+        f"<h1>dcgan compare: {len(runs)} runs</h1>{_table(rows)}"
+        f"<h2>Last fixed-noise grids</h2><div class='grids'>{grids}</div>"
+    )
     path = Path(out)
     atomic.write_text(path, _page("dcgan compare", body, _charts(runs)))
     return path, "\n".join(lines)
-

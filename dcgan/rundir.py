@@ -74,7 +74,7 @@ class RunDir:
         """(nimg, file) of every grid, in training order."""
         found = []
         for f in self.samples.glob("fakes*.png"):
-            digits = f.stem[len("fakes"):]
+            digits = f.stem[len("fakes") :]
             if digits.isdigit():
                 found.append((int(digits), f))
         return sorted(found)
@@ -95,8 +95,10 @@ class RunDir:
         (under torchrun --max-restarts the relaunch of such a run lands here)."""
         if self.stats.exists() or self.checkpoint.exists():
             if not force and self.checkpoint.exists():
-                raise UserError(f"{self.path} already holds a run; use --resume {self.path} to "
-                                "continue it or --force to start over")
+                raise UserError(
+                    f"{self.path} already holds a run; use --resume {self.path} to "
+                    "continue it or --force to start over"
+                )
             self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
 
@@ -115,6 +117,7 @@ class RunDir:
         """Keep the stats and metrics lines up to nimg (a checkpoint's): the lines written
         after it (before a crash or a rollback) will be written again. Returns the stats
         rows kept."""
+
         def keep(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
             rows = [r for r in runlog.read_stats(path, fields) if r["kimg"] * 1000 <= nimg]
             atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -126,9 +129,19 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove what a run wrote (--force, or an attempt without a checkpoint)."""
-        for f in (self.stats, self.events, self.metrics, self.losses, self.checkpoint,
-                  self.snapshot, self.best, self.config, self.d_init, self.report,
-                  self.machine):
+        for f in (
+            self.stats,
+            self.events,
+            self.metrics,
+            self.losses,
+            self.checkpoint,
+            self.snapshot,
+            self.best,
+            self.config,
+            self.d_init,
+            self.report,
+            self.machine,
+        ):
             f.unlink(missing_ok=True)
         shutil.rmtree(self.samples, ignore_errors=True)
         shutil.rmtree(self.tensorboard, ignore_errors=True)
@@ -186,12 +199,16 @@ def locked(folder: str | Path) -> Iterator[None]:
         except FileExistsError:
             owner = live_owner(folder)
             if owner is not None and owner[1] != socket.gethostname():
-                raise UserError(f"{folder} is in use by a dcgan process on {owner[1]} "
-                                f"(pid {owner[0]}); if it is gone, remove {path}") from None
+                raise UserError(
+                    f"{folder} is in use by a dcgan process on {owner[1]} "
+                    f"(pid {owner[0]}); if it is gone, remove {path}"
+                ) from None
             if owner is not None and owner[0] != os.getpid():
-                raise UserError(f"{folder} is in use by another dcgan process (pid {owner[0]}); "
-                                "wait for it to finish or stop it first (if no dcgan process "
-                                f"has that pid, remove {path})") from None
+                raise UserError(
+                    f"{folder} is in use by another dcgan process (pid {owner[0]}); "
+                    "wait for it to finish or stop it first (if no dcgan process "
+                    f"has that pid, remove {path})"
+                ) from None
             path.unlink(missing_ok=True)  # stale: its owner died
             continue
         with os.fdopen(fd, "w") as f:

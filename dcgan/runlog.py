@@ -28,8 +28,9 @@ def grid(images: np.ndarray, nrow: int = 0, pad: int = 2) -> np.ndarray:
     canvas = np.full((ncol_rows * side + pad, nrow * side + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         y, x = divmod(i, nrow)
-        canvas[pad + y * side: pad + y * side + r, pad + x * side: pad + x * side + r] = (
-            images[i].transpose(1, 2, 0))
+        canvas[pad + y * side : pad + y * side + r, pad + x * side : pad + x * side + r] = images[
+            i
+        ].transpose(1, 2, 0)
     return canvas
 
 
@@ -62,8 +63,7 @@ EVENTS_FIELDS: tuple[str, ...] = ()  # events.jsonl: an "event" name, then its o
 
 def is_number(value: Any) -> bool:
     """A finite int or float (not a bool): what every numeric field of a row must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_stats(path: Path, need: tuple[str, ...] = ("kimg",)) -> list[dict[str, Any]]:

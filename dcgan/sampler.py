@@ -38,8 +38,9 @@ class Batches:
                 images = images.copy()
             images = torch.from_numpy(np.ascontiguousarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"expected uint8 images (N, C, R, R), got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"expected uint8 images (N, C, R, R), got {images.dtype} {tuple(images.shape)}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.images = images.to(device)  # uint8 (N, C, R, R), moved once

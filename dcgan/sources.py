@@ -139,7 +139,8 @@ def _named_idx_source(name: str, split: str, cache: pathlib.Path) -> Source:
     where = " or ".join(str(f) for f in folders)
     install = (
         "install them with `apt-get install dataset-fashion-mnist`, "
-        if name == "fashion-mnist" else ""
+        if name == "fashion-mnist"
+        else ""
     )
     raise UserError(
         f"{name} {split} files ({_idx_names(split)}) not found in {where}: {install}"
@@ -254,8 +255,11 @@ def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"CIFAR batch {path} is not a dict of data and labels")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
-        data.shape[1] != 3 * 32 * 32
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or (data.shape[1] != 3 * 32 * 32)
     ):
         raise UserError(f"CIFAR batch {path}: expected 'data' as a uint8 array of shape (N, 3072)")
     if labels is None or len(labels) != len(data):
@@ -264,8 +268,9 @@ def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
-def _cifar_source(path: pathlib.Path, folder: pathlib.Path, split: str, cache: pathlib.Path
-                  ) -> Source:
+def _cifar_source(
+    path: pathlib.Path, folder: pathlib.Path, split: str, cache: pathlib.Path
+) -> Source:
     if split == "train":
         numbered = [f for f in folder.glob("data_batch_*") if f.name[11:].isdigit()]
         files = sorted(numbered, key=lambda f: int(f.name[11:]))  # data_batch_1, _2, ... _10
@@ -344,7 +349,9 @@ def _load_image_file(path: pathlib.Path, resolution: int) -> np.ndarray:
     # an integer box filter to >= 3x the target, then Lanczos: Pillow documents the result
     # as indistinguishable from a full Lanczos, at a fraction of the cost for photos.
     out = rgb.resize(
-        (resolution, resolution), _LANCZOS, box=(left, top, left + side, top + side),
+        (resolution, resolution),
+        _LANCZOS,
+        box=(left, top, left + side, top + side),
         reducing_gap=3.0,
     )
     return np.asarray(out).transpose(2, 0, 1)  # (H, W, 3) -> (3, R, R)
@@ -364,8 +371,9 @@ def _folder_source(folder: pathlib.Path, split: str, cache: pathlib.Path) -> Sou
         out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
         good = np.zeros(len(files), dtype=bool)
         first_bad: tuple[pathlib.Path, str] | None = None
-        bar = tqdm(files, desc=f"images {folder.name}", unit="img", file=sys.stderr,
-                   disable=not progress)
+        bar = tqdm(
+            files, desc=f"images {folder.name}", unit="img", file=sys.stderr, disable=not progress
+        )
         for i, f in enumerate(bar):
             try:
                 out[i] = _load_image_file(f, resolution)
@@ -483,6 +491,7 @@ def _fake_source(split: str) -> Source:
 # --------------------------------------------------------------------------------------
 # Pixels.
 
+
 def _resize_square_stack(images: np.ndarray, resolution: int) -> np.ndarray:
     """uint8 (N, S, S) -> uint8 (N, R, R): Pillow's LANCZOS (antialiased when shrinking),
     image by image, the same call as for folders and emoji."""
@@ -491,8 +500,9 @@ def _resize_square_stack(images: np.ndarray, resolution: int) -> np.ndarray:
         return np.ascontiguousarray(images)
     out = np.empty((n, resolution, resolution), dtype=np.uint8)
     for i in range(n):
-        out[i] = np.asarray(Image.fromarray(images[i]).resize((resolution, resolution),
-                                                              Image.Resampling.LANCZOS))
+        out[i] = np.asarray(
+            Image.fromarray(images[i]).resize((resolution, resolution), Image.Resampling.LANCZOS)
+        )
     return out
 
 
@@ -518,11 +528,12 @@ NAMED: dict[str, Callable[[str, pathlib.Path], Source]] = {
     "fake": lambda split, cache: _fake_source(split),
 }
 # A folder's kind, decided by its content, first match wins: (what it holds, claims, build).
-FOLDER_KINDS: tuple[tuple[str, Callable[[pathlib.Path], bool],
-                          Callable[[pathlib.Path, str, pathlib.Path], Source]], ...] = (
+FOLDER_KINDS: tuple[
+    tuple[str, Callable[[pathlib.Path], bool], Callable[[pathlib.Path, str, pathlib.Path], Source]],
+    ...,
+] = (
     ("IDX files", _has_idx, _idx_folder_source),
-    ("CIFAR-10 python batches", lambda path: _cifar_folder(path) is not None,
-     _cifar_folder_source),
+    ("CIFAR-10 python batches", lambda path: _cifar_folder(path) is not None, _cifar_folder_source),
     ("image files", lambda path: True, _folder_source),
 )
 assert tuple(NAMED) == SOURCES  # the names the CLI and the config check against

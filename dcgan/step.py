@@ -47,18 +47,21 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_optimizer(kind: str, params, lr: float, cfg: Config,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    kind: str, params, lr: float, cfg: Config, device: torch.device
+) -> torch.optim.Optimizer:
     t = cfg.train
     # foreach kernels update all tensors of a network in a few launches; fused
     # Adam(W) does it in one kernel on CUDA.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=t.d_momentum,
-                               weight_decay=t.weight_decay, foreach=True)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=t.d_momentum, weight_decay=t.weight_decay, foreach=True
+        )
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(t.beta1, t.beta2),
-                                 weight_decay=t.weight_decay, **fast)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, **fast
+        )
     return torch.optim.Adam(params, lr=lr, betas=(t.beta1, t.beta2), **fast)
 
 
@@ -126,9 +129,14 @@ class GAN:
     ema: EMA
 
     def state_dict(self) -> dict[str, Any]:
-        return {"G": self.G.state_dict(), "D": self.D.state_dict(),
-                "G_ema": self.G_ema.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict(), **self.step.state_dict()}
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            **self.step.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.G.load_state_dict(state["G"])
@@ -147,9 +155,18 @@ class AutogradStep:
     DDP: its gradients are unused) and the raw D for the gradient penalties.
     """
 
-    def __init__(self, cfg: Config, G_train, D_train, D_frozen, D: nn.Module,
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                 precision: str, device: torch.device):
+    def __init__(
+        self,
+        cfg: Config,
+        G_train,
+        D_train,
+        D_frozen,
+        D: nn.Module,
+        opt_g: torch.optim.Optimizer,
+        opt_d: torch.optim.Optimizer,
+        precision: str,
+        device: torch.device,
+    ):
         self.cfg, self.t = cfg, cfg.train
         self.G_train, self.D_train, self.D_frozen, self.D = G_train, D_train, D_frozen, D
         self.opt_g, self.opt_d = opt_g, opt_d
@@ -271,12 +288,20 @@ def build_engine_gan(cfg: Config, nc: int, device: torch.device) -> GAN:
     G_ema = build_generator(cfg.model, nc, cfg.data.resolution).to(device)
     G_ema.load_state_dict(sgan.generator.state_dict())
     G_ema.eval().requires_grad_(False)
-    return GAN(sgan.generator, sgan.discriminator, G_ema, sgan.g_opt, sgan.d_opt,
-               EngineStep(cfg, sgan), EMA(G_ema, sgan.generator))
+    return GAN(
+        sgan.generator,
+        sgan.discriminator,
+        G_ema,
+        sgan.g_opt,
+        sgan.d_opt,
+        EngineStep(cfg, sgan),
+        EMA(G_ema, sgan.generator),
+    )
 
 
-def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None,
-              precision: str = "fp32") -> GAN:
+def build_gan(
+    cfg: Config, nc: int, device: torch.device, env: DistEnv | None = None, precision: str = "fp32"
+) -> GAN:
     """The networks, their optimisers and the step over their compiled/DDP views."""
     env = env or DistEnv()
     if cfg.train.engine == "scratch":
@@ -301,13 +326,15 @@ def build_gan(cfg: Config, nc: int, device: torch.device, env: DistEnv | None = 
         # dynamo go dynamic there recompiled and crashed in inductor (seen on torch 2.13, CPU)
         G_c = torch.compile(G, dynamic=False, mode=cfg.train.compile_mode)
         D_c = torch.compile(D, dynamic=False, mode=cfg.train.compile_mode)
-    step = AutogradStep(cfg, wrap(G_c, env, device), wrap(D_c, env, device), D_c, D,
-                        opt_g, opt_d, precision, device)
+    step = AutogradStep(
+        cfg, wrap(G_c, env, device), wrap(D_c, env, device), D_c, D, opt_g, opt_d, precision, device
+    )
     return GAN(G, D, G_ema, opt_g, opt_d, step, EMA(G_ema, G))
 
 
-def d_inputs(x: torch.Tensor, noise_std: float, policy: tuple[str, ...],
-             fmt: torch.memory_format) -> torch.Tensor:
+def d_inputs(
+    x: torch.Tensor, noise_std: float, policy: tuple[str, ...], fmt: torch.memory_format
+) -> torch.Tensor:
     """What D sees of an image batch: instance noise, then DiffAugment (both optional)."""
     x = with_noise(x, noise_std)
     if policy:

@@ -25,8 +25,9 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch's module imports the tensorboard package
-            raise UserError("--tensorboard needs the tensorboard package: "
-                            "pip install 'dcgan[tensorboard]'") from None
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install 'dcgan[tensorboard]'"
+            ) from None
         self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 

@@ -44,9 +44,15 @@ def peak_mem_mb(device: torch.device) -> float:
 
 
 def snapshot_meta(cfg: Config, nc: int, nimg: int) -> dict[str, Any]:
-    return {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "nc": nc,
-            "resolution": cfg.data.resolution, "g_dropout": cfg.model.g_dropout,
-            "dataset": cfg.data.dataset, "kimg": nimg / 1000.0}
+    return {
+        "nz": cfg.model.nz,
+        "ngf": cfg.model.ngf,
+        "nc": nc,
+        "resolution": cfg.data.resolution,
+        "g_dropout": cfg.model.g_dropout,
+        "dataset": cfg.data.dataset,
+        "kimg": nimg / 1000.0,
+    }
 
 
 def fixed_latents(cfg: Config, device: torch.device) -> torch.Tensor:
@@ -68,8 +74,11 @@ class StopFlag:
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.set = True
-        print(f"\n{signal.Signals(signum).name}: saving the training state at the end of "
-              "this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the training state at the end of "
+            "this step (Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
 
     def __enter__(self) -> StopFlag:
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -116,25 +125,31 @@ class Watch:
     def finite(means: dict[str, float], gan: GAN) -> bool:
         if not all(math.isfinite(v) for v in means.values()):
             return False
-        weights = [v for net in (gan.G, gan.D) for v in net.state_dict().values()
-                   if v.is_floating_point()]
+        weights = [
+            v for net in (gan.G, gan.D) for v in net.state_dict().values() if v.is_floating_point()
+        ]
         return bool(torch.stack([w.isfinite().all() for w in weights]).all())
 
     def collapse(self, means: dict[str, float]) -> list[str]:
-        self.d_certain = self.d_certain + 1 if (
-            means["d_real"] > 0.99 and means["d_fake"] < 0.01) else 0
+        self.d_certain = (
+            self.d_certain + 1 if (means["d_real"] > 0.99 and means["d_fake"] < 0.01) else 0
+        )
         self.g_rising = self.g_rising + 1 if means["loss_g"] > self.last_g else 0
         self.last_g = means["loss_g"]
         found = []
         if self.d_certain >= self.patience and "d" not in self.warned:
             self.warned.add("d")
-            found.append(f"D has separated real from fake almost perfectly for {self.d_certain} "
-                         "ticks: G gets little gradient (try --label-smoothing 0.1, "
-                         "--instance-noise 0.1 or a lower --d-lr)")
+            found.append(
+                f"D has separated real from fake almost perfectly for {self.d_certain} "
+                "ticks: G gets little gradient (try --label-smoothing 0.1, "
+                "--instance-noise 0.1 or a lower --d-lr)"
+            )
         if self.g_rising >= self.patience and "g" not in self.warned:
             self.warned.add("g")
-            found.append(f"G's loss has grown for {self.g_rising} ticks in a row: a sign of "
-                         "collapse; compare samples/ across ticks")
+            found.append(
+                f"G's loss has grown for {self.g_rising} ticks in a row: a sign of "
+                "collapse; compare samples/ across ticks"
+            )
         return found
 
 
@@ -148,8 +163,9 @@ class Progress:
         self.best_fid = resume.get("best_fid", float("inf"))
 
 
-def restore(gan: GAN, batches: Batches, state: dict[str, Any], env: DistEnv,
-            device: torch.device) -> Progress:
+def restore(
+    gan: GAN, batches: Batches, state: dict[str, Any], env: DistEnv, device: torch.device
+) -> Progress:
     """Load a checkpoint into fresh objects; returns where it was (the one reading of a
     checkpoint's progress).
 
@@ -186,65 +202,102 @@ def write_report(run: RunDir) -> None:
         print(f"\nwarning: report.html not refreshed ({e})", file=sys.stderr)
 
 
-def resolve_auto(cfg: Config, nc: int, device: torch.device,
-                 env: DistEnv) -> calibrate.Choice:
+def resolve_auto(cfg: Config, nc: int, device: torch.device, env: DistEnv) -> calibrate.Choice:
     """`auto` precision and layout for this machine; under torchrun rank 0 measures
     and every rank takes its answer (ranks must run the same computation)."""
     choice = calibrate.resolve(cfg, nc, device, cfg.data.cache_dir) if env.is_main else None
     if env.enabled:
         box = [choice]
         torch.distributed.broadcast_object_list(
-            box, src=0, device=device if device.type == "cuda" else None)
+            box, src=0, device=device if device.type == "cuda" else None
+        )
         choice = box[0]
     return choice
 
 
-def training_state(gan: GAN, batches: Batches, p: Progress, cfg: Config, env: DistEnv,
-                   device: torch.device) -> dict[str, Any]:
+def training_state(
+    gan: GAN, batches: Batches, p: Progress, cfg: Config, env: DistEnv, device: torch.device
+) -> dict[str, Any]:
     """Everything resume needs: weights, optimisers, scalers, data order, RNG streams."""
-    s = {**gan.state_dict(), "batches": batches.state_dict(), "nimg": p.nimg, "tick": p.tick,
-         "world_size": env.world_size, "best_fid": p.best_fid, "rollbacks": p.rollbacks,
-         "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict()}
+    s = {
+        **gan.state_dict(),
+        "batches": batches.state_dict(),
+        "nimg": p.nimg,
+        "tick": p.tick,
+        "world_size": env.world_size,
+        "best_fid": p.best_fid,
+        "rollbacks": p.rollbacks,
+        "rng_cpu": torch.get_rng_state(),
+        "config": cfg.to_dict(),
+    }
     if device.type == "cuda":
         s["rng_cuda"] = torch.cuda.get_rng_state(device)
     return s
 
 
-def roll_back(run: RunDir, gan: GAN, batches: Batches, p: Progress, cfg: Config,
-              env: DistEnv, device: torch.device) -> tuple[Progress, list[dict[str, Any]]]:
+def roll_back(
+    run: RunDir,
+    gan: GAN,
+    batches: Batches,
+    p: Progress,
+    cfg: Config,
+    env: DistEnv,
+    device: torch.device,
+) -> tuple[Progress, list[dict[str, Any]]]:
     """Non-finite values: back to the last checkpoint with halved learning rates, or stop.
     Returns the restored progress and the stats rows kept (rank 0; others get []).
 
     Nothing of the bad tick was written, so the last checkpoint is the last good one."""
-    where = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint.exists()
-             else "no checkpoint was written yet")
+    where = (
+        f"the last good checkpoint is {run.checkpoint}"
+        if run.checkpoint.exists()
+        else "no checkpoint was written yet"
+    )
     if cfg.train.on_nan == "stop" or p.rollbacks >= MAX_ROLLBACKS or not run.checkpoint.exists():
-        raise UserError(f"non-finite loss or weights at {p.nimg / 1000:.3f} kimg "
-                        f"(tick {p.tick}); training stopped; {where}")
+        raise UserError(
+            f"non-finite loss or weights at {p.nimg / 1000:.3f} kimg "
+            f"(tick {p.tick}); training stopped; {where}"
+        )
     bad_kimg = p.nimg / 1000
     restored = restore(gan, batches, checkpoint.load_state(run.checkpoint), env, device)
     restored.rollbacks = p.rollbacks + 1
     # from the configured rates, not the loaded ones: a checkpoint written after an
     # earlier rollback already holds a halved rate
-    factor = 0.5 ** restored.rollbacks
+    factor = 0.5**restored.rollbacks
     set_lr_factor(gan, cfg, factor)
     if not env.is_main:
         return restored, []
     rows = run.trim(restored.nimg)  # the ticks after the checkpoint replay
-    runlog.append_stats(run.events, {"event": "rollback", "at_kimg": bad_kimg,
-                                     "to_kimg": restored.nimg / 1000, "lr_factor": factor,
-                                     "time": time.time()})
-    print(f"\nnon-finite values: rolled back to {restored.nimg / 1000:.3f} kimg with "
-          f"learning rates x{factor} ({restored.rollbacks}/{MAX_ROLLBACKS})", file=sys.stderr)
+    runlog.append_stats(
+        run.events,
+        {
+            "event": "rollback",
+            "at_kimg": bad_kimg,
+            "to_kimg": restored.nimg / 1000,
+            "lr_factor": factor,
+            "time": time.time(),
+        },
+    )
+    print(
+        f"\nnon-finite values: rolled back to {restored.nimg / 1000:.3f} kimg with "
+        f"learning rates x{factor} ({restored.rollbacks}/{MAX_ROLLBACKS})",
+        file=sys.stderr,
+    )
     return restored, rows
 
 
-def resolve_run(cfg: Config, run: RunDir, env: DistEnv, device: torch.device,
-                progress: bool) -> tuple[Config, ImageSet]:
+def resolve_run(
+    cfg: Config, run: RunDir, env: DistEnv, device: torch.device, progress: bool
+) -> tuple[Config, ImageSet]:
     """Read the data and resolve what this machine decides (`auto` precision and layout,
     the image channels); rank 0 writes the resolved config, once, and the machine."""
-    data = load_images(cfg.data.dataset, cfg.data.resolution, cfg.data.channels,
-                       cache_dir=cfg.data.cache_dir, progress=progress and env.is_main)
+    data = load_images(
+        cfg.data.dataset,
+        cfg.data.resolution,
+        cfg.data.channels,
+        cache_dir=cfg.data.cache_dir,
+        progress=progress and env.is_main,
+    )
     nc = data.images.shape[1]
     choice = resolve_auto(cfg, nc, device, env)
     cfg = apply_overrides(calibrate.apply(cfg, choice), {"channels": nc})
@@ -253,23 +306,45 @@ def resolve_run(cfg: Config, run: RunDir, env: DistEnv, device: torch.device,
             print(choice.line(), file=sys.stderr)
         run.write_config(cfg)
         run.save_machine()  # what the report shows as "the machine"
-        runlog.append_stats(run.events, {"event": "settings", **choice.as_dict(),
-                                         "time": time.time()})
+        runlog.append_stats(
+            run.events, {"event": "settings", **choice.as_dict(), "time": time.time()}
+        )
     return cfg, data
 
 
-def tick_row(means: dict[str, float], p: Progress, since_nimg: int, seconds: float,
-             cfg: Config, total: int, device: torch.device) -> dict[str, Any]:
+def tick_row(
+    means: dict[str, float],
+    p: Progress,
+    since_nimg: int,
+    seconds: float,
+    cfg: Config,
+    total: int,
+    device: torch.device,
+) -> dict[str, Any]:
     """One line of stats.jsonl: the tick's mean statistics, speed and memory."""
     shown = p.nimg - since_nimg
-    return {"tick": p.tick, "kimg": round(p.nimg / 1000, 3), **means,
-            "img_per_s": shown / seconds, "sec_per_kimg": seconds * 1000 / shown,
-            "peak_mem_mb": round(peak_mem_mb(device), 1),
-            "noise_std": instance_noise_std(cfg, p.nimg, total), "time": time.time()}
+    return {
+        "tick": p.tick,
+        "kimg": round(p.nimg / 1000, 3),
+        **means,
+        "img_per_s": shown / seconds,
+        "sec_per_kimg": seconds * 1000 / shown,
+        "peak_mem_mb": round(peak_mem_mb(device), 1),
+        "noise_std": instance_noise_std(cfg, p.nimg, total),
+        "time": time.time(),
+    }
 
 
-def log_tick(run: RunDir, gan: GAN, nimg: int, row: dict[str, Any], rows: list[dict[str, Any]],
-             z_fixed: torch.Tensor, meta: dict[str, Any], tb: TensorBoardLog | None) -> None:
+def log_tick(
+    run: RunDir,
+    gan: GAN,
+    nimg: int,
+    row: dict[str, Any],
+    rows: list[dict[str, Any]],
+    z_fixed: torch.Tensor,
+    meta: dict[str, Any],
+    tb: TensorBoardLog | None,
+) -> None:
     """The tick's stats line, its fixed-noise grid, losses.png and the G_ema snapshot."""
     runlog.append_stats(run.stats, row)
     rows.append(row)
@@ -282,8 +357,15 @@ def log_tick(run: RunDir, gan: GAN, nimg: int, row: dict[str, Any], rows: list[d
     checkpoint.save_generator(gan.G_ema, meta, run.snapshot)
 
 
-def evaluate_tick(run: RunDir, gan: GAN, tracker: Any, p: Progress, row: dict[str, Any],
-                  meta: dict[str, Any], tb: TensorBoardLog | None) -> None:
+def evaluate_tick(
+    run: RunDir,
+    gan: GAN,
+    tracker: Any,
+    p: Progress,
+    row: dict[str, Any],
+    meta: dict[str, Any],
+    tb: TensorBoardLog | None,
+) -> None:
     """FID (and the tracker's other metrics) of G_ema; keep the best snapshot, since a
     DCGAN's FID often worsens later in training."""
     scores = tracker(gan.G_ema)
@@ -291,15 +373,17 @@ def evaluate_tick(run: RunDir, gan: GAN, tracker: Any, p: Progress, row: dict[st
     if best:
         p.best_fid = scores["fid"]
         checkpoint.save_generator(gan.G_ema, meta, run.best)
-    runlog.append_stats(run.metrics, {"kimg": row["kimg"], **scores, "best": best,
-                                      "time": time.time()})
+    runlog.append_stats(
+        run.metrics, {"kimg": row["kimg"], **scores, "best": best, "time": time.time()}
+    )
     row["fid"] = scores["fid"]
     if tb is not None:
         tb.metrics(p.nimg, scores)
 
 
-def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+def training_loop(
+    cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Train until cfg.train.kimg in a run folder made ready by `RunDir.begin` (or being
     resumed); return the last tick's stats.
 
@@ -314,8 +398,15 @@ def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None
     t, nc = cfg.train, cfg.data.channels
 
     # Networks, optimisers and the step; D's weights before any step (transfer's baseline).
-    batches = Batches(data.images, t.batch, device, flip=cfg.data.flip, seed=t.seed,
-                      rank=env.rank, world_size=env.world_size)
+    batches = Batches(
+        data.images,
+        t.batch,
+        device,
+        flip=cfg.data.flip,
+        seed=t.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
     gan = build_gan(cfg, nc, device, env, t.precision)
     if resume is None and main:
         checkpoint.save_state_dict(gan.D, run.d_init)
@@ -330,8 +421,16 @@ def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None
     if main and t.eval_every > 0:
         from dcgan.evaluate import FidTracker
 
-        tracker = FidTracker(cfg.data.dataset, cfg.data.resolution, nc, t.eval_features,
-                             t.eval_n, device, cfg.data.cache_dir, progress=progress)
+        tracker = FidTracker(
+            cfg.data.dataset,
+            cfg.data.resolution,
+            nc,
+            t.eval_features,
+            t.eval_n,
+            device,
+            cfg.data.cache_dir,
+            progress=progress,
+        )
     # drop lines written after the checkpoint (a crash), or those of no run at all
     rows = run.trim(p.nimg) if main else []
 
@@ -340,8 +439,15 @@ def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None
     beta = ema_beta(cfg, t.batch * env.world_size)
     tick_nimg, eval_nimg = t.tick_kimg * 1000, t.eval_every * 1000
     z_fixed = fixed_latents(cfg, device)
-    bar = tqdm(total=total, initial=p.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not (progress and main), desc="train")
+    bar = tqdm(
+        total=total,
+        initial=p.nimg,
+        unit="img",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=not (progress and main),
+        desc="train",
+    )
     watch, row, stopped = Watch(), {}, False
     training_stats.reset()
     steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
@@ -354,8 +460,11 @@ def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None
             bar.update(per_step)
             stopped = agree_to_stop(stop.set, steps, env, device)
             injected_fault(p.nimg, env)
-            if p.nimg // tick_nimg == (p.nimg - per_step) // tick_nimg and p.nimg < total and (
-                    not stopped):
+            if (
+                p.nimg // tick_nimg == (p.nimg - per_step) // tick_nimg
+                and p.nimg < total
+                and (not stopped)
+            ):
                 continue
 
             # ---- End of a tick: the one host synchronisation.
@@ -367,25 +476,30 @@ def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None
                 bar.n = p.nimg
                 continue
             warnings = watch.collapse(means)
-            row = tick_row(means, p, tick_start_nimg, time.perf_counter() - tick_start, cfg,
-                           total, device)
+            row = tick_row(
+                means, p, tick_start_nimg, time.perf_counter() - tick_start, cfg, total, device
+            )
             if main:  # the run folder's files: rank 0 alone writes them
                 for warning in warnings:
                     print(f"\nwarning: {warning}", file=sys.stderr)
-                    runlog.append_stats(run.events, {"event": "warning", "kimg": p.nimg / 1000,
-                                                     "message": warning})
+                    runlog.append_stats(
+                        run.events, {"event": "warning", "kimg": p.nimg / 1000, "message": warning}
+                    )
                 meta = snapshot_meta(cfg, nc, p.nimg)
                 log_tick(run, gan, p.nimg, row, rows, z_fixed, meta, tb)
-                if tracker is not None and (p.nimg // eval_nimg > tick_start_nimg // eval_nimg
-                                            or p.nimg >= total):
+                if tracker is not None and (
+                    p.nimg // eval_nimg > tick_start_nimg // eval_nimg or p.nimg >= total
+                ):
                     evaluate_tick(run, gan, tracker, p, row, meta, tb)
                 if p.tick % t.checkpoint_ticks == 0 or p.nimg >= total or stopped:
-                    checkpoint.save_state(training_state(gan, batches, p, cfg, env, device),
-                                          run.checkpoint)
+                    checkpoint.save_state(
+                        training_state(gan, batches, p, cfg, env, device), run.checkpoint
+                    )
                     if t.report:
                         write_report(run)  # the run's HTML report beside its state
-                bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}", refresh=False
+                )
             steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
     bar.close()
     if tb is not None:
@@ -393,7 +507,8 @@ def training_loop(cfg: Config, run: RunDir | Path, resume: dict[str, Any] | None
     if env.enabled:
         in_sync = weights_in_sync([gan.G, gan.D], env)
         if main:
-            print(f"{env.world_size} ranks hold identical G and D weights: {in_sync}",
-                  file=sys.stderr)
+            print(
+                f"{env.world_size} ranks hold identical G and D weights: {in_sync}", file=sys.stderr
+            )
     cleanup(env)
     return {**row, "stopped": stopped}

@@ -101,14 +101,26 @@ def d_features(d: Discriminator, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(d: Discriminator, images: np.ndarray, device: str | torch.device = "cpu",
-            batch: int = 256, progress: bool = True, desc: str = "features") -> torch.Tensor:
+def extract(
+    d: Discriminator,
+    images: np.ndarray,
+    device: str | torch.device = "cpu",
+    batch: int = 256,
+    progress: bool = True,
+    desc: str = "features",
+) -> torch.Tensor:
     """uint8 images (N, C, R, R) -> CPU float32 features (N, F), D in eval mode."""
     d = d.to(device).eval()
     out = []
-    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress,
-                  dynamic_ncols=True, leave=False):
-        x = from_uint8(images[i:i + batch]).to(device)
+    for i in tqdm(
+        range(0, len(images), batch),
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    ):
+        x = from_uint8(images[i : i + batch]).to(device)
         out.append(d_features(d, x).float().cpu())
     return torch.cat(out)
 
@@ -116,8 +128,9 @@ def extract(d: Discriminator, images: np.ndarray, device: str | torch.device = "
 # --------------------------------------------------------------------- classifier
 
 
-def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    y: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions (fit, val) into y: about `fraction` of each class held out, but never
     a class's last example (classes with one example stay whole in fit)."""
     fit, val = [], []
@@ -141,9 +154,14 @@ def blas_threads(work: float):
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def linear_probe(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor,
-                 y_test: np.ndarray, n_classes: int, rng: np.random.Generator
-                 ) -> tuple[float, float]:
+def linear_probe(
+    x_train: torch.Tensor,
+    y_train: np.ndarray,
+    x_test: torch.Tensor,
+    y_test: np.ndarray,
+    n_classes: int,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
     """Test accuracy of the linear classifier and its chosen L2 weight.
 
     scikit-learn's multinomial LogisticRegression (L-BFGS, at most 100 iterations,
@@ -195,10 +213,19 @@ class SupervisedD(nn.Module):
         return self.head(pooled_features(self.body, x))
 
 
-def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarray,
-                     n_classes: int, seed: int, device: str | torch.device = "cpu",
-                     epochs: int = 3, min_steps: int = 150, batch: int = 64,
-                     lr: float = 1e-3, progress: bool = False) -> SupervisedD:
+def train_supervised(
+    d_init: Discriminator,
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    epochs: int = 3,
+    min_steps: int = 150,
+    batch: int = 64,
+    lr: float = 1e-3,
+    progress: bool = False,
+) -> SupervisedD:
     """Train a copy of d_init (+ a head) with cross-entropy and Adam on (images, labels).
 
     Runs max(min_steps, epochs * ceil(n / batch)) steps: tiny label sets need
@@ -218,11 +245,17 @@ def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarr
         steps = max(min_steps, epochs * math.ceil(n / b))
         order = torch.randperm(n)
         pos = 0
-        for _ in tqdm(range(steps), desc=f"supervised D: train on {n}", unit="step",
-                      disable=not progress, dynamic_ncols=True, leave=False):
+        for _ in tqdm(
+            range(steps),
+            desc=f"supervised D: train on {n}",
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+            leave=False,
+        ):
             if pos + b > n:  # a fresh permutation each pass; the short tail is dropped
                 order, pos = torch.randperm(n), 0
-            idx = order[pos:pos + b]
+            idx = order[pos : pos + b]
             pos += b
             x = from_uint8(x_all[idx]).to(device)
             loss = F.cross_entropy(model(x), y_all[idx].to(device))
@@ -234,8 +267,9 @@ def train_supervised(d_init: Discriminator, images: np.ndarray, labels: np.ndarr
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor,
-                          device: str | torch.device = "cpu", batch: int = 256) -> None:
+def recalibrate_batchnorm(
+    model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu", batch: int = 256
+) -> None:
     """Re-estimate every BatchNorm's running statistics with the final weights.
 
     The running averages (momentum 0.1) trail weights that moved fast: after 30
@@ -249,19 +283,30 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor,
         m.momentum = None  # cumulative moving average over the pass
     model.train()
     for i in range(0, len(images), batch):
-        model(from_uint8(images[i:i + batch]).to(device))
+        model(from_uint8(images[i : i + batch]).to(device))
     for m in bns:
         m.momentum = 0.1
 
 
 @torch.no_grad()
-def classify(model: SupervisedD, images: np.ndarray, device: str | torch.device = "cpu",
-             batch: int = 256, progress: bool = True) -> np.ndarray:
+def classify(
+    model: SupervisedD,
+    images: np.ndarray,
+    device: str | torch.device = "cpu",
+    batch: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
     """Predicted classes (N,) of uint8 images, BatchNorm on its running statistics."""
     preds = []
-    for i in tqdm(range(0, len(images), batch), desc="supervised D: test", unit="batch",
-                  disable=not progress, dynamic_ncols=True, leave=False):
-        preds.append(model(from_uint8(images[i:i + batch]).to(device)).argmax(1).cpu())
+    for i in tqdm(
+        range(0, len(images), batch),
+        desc="supervised D: test",
+        unit="batch",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    ):
+        preds.append(model(from_uint8(images[i : i + batch]).to(device)).argmax(1).cpu())
     return torch.cat(preds).numpy()
 
 
@@ -277,8 +322,9 @@ def _parse_label_counts(labels: Iterable[int | str]) -> list[int | str]:
         try:
             k = int(n)
         except (TypeError, ValueError):
-            raise UserError(f"--labels: {n!r} is neither a number of labels per class nor "
-                            "'all'") from None
+            raise UserError(
+                f"--labels: {n!r} is neither a number of labels per class nor 'all'"
+            ) from None
         if k < 2:
             # one label per class leaves nothing to choose the regularisation on
             raise UserError(f"--labels: need at least 2 labels per class, got {k}")
@@ -288,8 +334,9 @@ def _parse_label_counts(labels: Iterable[int | str]) -> list[int | str]:
     return out
 
 
-def draw_subset(y: np.ndarray, n: int | str, rng: np.random.Generator,
-                max_train: int = MAX_TRAIN) -> np.ndarray:
+def draw_subset(
+    y: np.ndarray, n: int | str, rng: np.random.Generator, max_train: int = MAX_TRAIN
+) -> np.ndarray:
     """Sorted indices into the train split: n per class, or all (at most max_train)."""
     if n == "all":
         idx = np.arange(len(y))
@@ -306,15 +353,24 @@ def draw_subset(y: np.ndarray, n: int | str, rng: np.random.Generator,
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_draw": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_draw": values,
+    }
 
 
-def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # noqa: B006
-                 source: str | None = None, draws: int = 3, device: str = "cpu",
-                 progress: bool = True, max_train: int = MAX_TRAIN, sup_epochs: int = 3,
-                 sup_min_steps: int = 150) -> dict[str, Any]:
+def run_transfer(
+    run_dir: str,
+    labels: list[int | str] = [100, 1000, "all"],  # noqa: B006
+    source: str | None = None,
+    draws: int = 3,
+    device: str = "cpu",
+    progress: bool = True,
+    max_train: int = MAX_TRAIN,
+    sup_epochs: int = 3,
+    sup_min_steps: int = 150,
+) -> dict[str, Any]:
     """Linear-probe accuracies of a run's D and the three baselines; see the module doc.
 
     labels: labelled images per class (ints >= 2) and/or "all" (the whole train
@@ -335,14 +391,19 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
     cfg = Config.from_dict(state["config"])  # resolved: channels filled in by training
     resolution, nc = cfg.data.resolution, cfg.data.channels
     if nc == 0:  # runs from before training recorded it: D's first conv is (ndf, nc, 4, 4)
-        nc = state["D"].get("main.0.weight",
-                            state["D"].get("main.0.parametrizations.weight.original")).shape[1]
+        nc = (
+            state["D"]
+            .get("main.0.weight", state["D"].get("main.0.parametrizations.weight.original"))
+            .shape[1]
+        )
     src = source or cfg.data.dataset
 
     train = load_images(src, resolution, nc, "train", cfg.data.cache_dir, progress)
     if train.labels is None:
-        raise UserError(f"{src} has no labels: transfer needs a labelled source with a test "
-                        "split (e.g. --source fashion-mnist, mnist, or a CIFAR-10 folder)")
+        raise UserError(
+            f"{src} has no labels: transfer needs a labelled source with a test "
+            "split (e.g. --source fashion-mnist, mnist, or a CIFAR-10 folder)"
+        )
     test = load_images(src, resolution, nc, "test", cfg.data.cache_dir, progress)
     classes = np.unique(train.labels)
     k = len(classes)
@@ -377,17 +438,26 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
 
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train rows, test)
     for name, d in (("d_features", d_trained), ("untrained_d", d_untrained)):
-        feats[name] = (extract(d, train.images[used], device, progress=progress,
-                               desc=f"{METHODS[name]}: train"),
-                       extract(d, test.images, device, progress=progress,
-                               desc=f"{METHODS[name]}: test"))
-    feats["pixels"] = (from_uint8(train.images[used]).flatten(1),
-                       from_uint8(test.images).flatten(1))
+        feats[name] = (
+            extract(
+                d, train.images[used], device, progress=progress, desc=f"{METHODS[name]}: train"
+            ),
+            extract(d, test.images, device, progress=progress, desc=f"{METHODS[name]}: test"),
+        )
+    feats["pixels"] = (
+        from_uint8(train.images[used]).flatten(1),
+        from_uint8(test.images).flatten(1),
+    )
 
     rows = []
     # one tick per linear probe (len(L2_GRID) + 1 fits each) and per supervised model
-    bar = tqdm(total=len(counts) * draws * (len(feats) + 1), desc="transfer", unit="model",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(counts) * draws * (len(feats) + 1),
+        desc="transfer",
+        unit="model",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for n in counts:
         acc: dict[str, list[float]] = {m: [] for m in METHODS}
         chosen_l2: dict[str, list[float]] = {m: [] for m in METHODS if m != "supervised"}
@@ -398,40 +468,64 @@ def run_transfer(run_dir: str, labels: list[int | str] = [100, 1000, "all"],  # 
                 bar.set_postfix_str(f"{n} labels/class, draw {draw + 1}: {METHODS[m]}")
                 # the same validation split for every kind of feature
                 rng = np.random.default_rng([cfg.train.seed, draw, 1])
-                a, lam = linear_probe(f_train[rows_in_used], y_train[idx], f_test, y_test, k,
-                                      rng)
+                a, lam = linear_probe(f_train[rows_in_used], y_train[idx], f_test, y_test, k, rng)
                 acc[m].append(a)
                 chosen_l2[m].append(lam)
                 bar.update(1)
             bar.set_postfix_str(f"{n} labels/class, draw {draw + 1}: {METHODS['supervised']}")
-            model = train_supervised(d_untrained, train.images[idx], y_train[idx], k,
-                                     seed=cfg.train.seed * 1000 + draw, device=device,
-                                     epochs=sup_epochs, min_steps=sup_min_steps,
-                                     progress=progress)
+            model = train_supervised(
+                d_untrained,
+                train.images[idx],
+                y_train[idx],
+                k,
+                seed=cfg.train.seed * 1000 + draw,
+                device=device,
+                epochs=sup_epochs,
+                min_steps=sup_min_steps,
+                progress=progress,
+            )
             pred = classify(model, test.images, device, progress=progress)
             acc["supervised"].append(float((pred == y_test).mean()))
             bar.update(1)
-        rows.append({"labels": n, "n_train": len(subsets[0, n]),
-                     **{m: _summary(acc[m]) for m in METHODS}, "l2": chosen_l2})
+        rows.append(
+            {
+                "labels": n,
+                "n_train": len(subsets[0, n]),
+                **{m: _summary(acc[m]) for m in METHODS},
+                "l2": chosen_l2,
+            }
+        )
     bar.close()
 
     notes = []
     if "all" in counts and len(y_train) > max_train:
-        notes.append(f"'all' uses a random {max_train} of the {len(y_train)} training images "
-                     "(max_train) to keep the classifiers' training affordable")
+        notes.append(
+            f"'all' uses a random {max_train} of the {len(y_train)} training images "
+            "(max_train) to keep the classifiers' training affordable"
+        )
     return {
-        "run": str(run.path), "source": train.source, "resolution": resolution, "channels": nc,
-        "classes": k, "n_train_split": len(y_train), "n_test": len(y_test), "draws": draws,
-        "feature_dims": {"d": feature_dim(cfg.model.ndf, resolution),
-                         "pixels": nc * resolution * resolution},
+        "run": str(run.path),
+        "source": train.source,
+        "resolution": resolution,
+        "channels": nc,
+        "classes": k,
+        "n_train_split": len(y_train),
+        "n_test": len(y_test),
+        "draws": draws,
+        "feature_dims": {
+            "d": feature_dim(cfg.model.ndf, resolution),
+            "pixels": nc * resolution * resolution,
+        },
         "classifier": "multinomial logistic regression (scikit-learn L-BFGS) on standardised "
-                      "features; "
-                      f"L2 weight from {list(L2_GRID)} on a stratified {VAL_FRACTION:.0%} "
-                      "validation split of the labelled images",
+        "features; "
+        f"L2 weight from {list(L2_GRID)} on a stratified {VAL_FRACTION:.0%} "
+        "validation split of the labelled images",
         "supervised": "D's body + linear head on the pooled features, Adam lr 1e-3, "
-                      f"max({sup_min_steps}, {sup_epochs} epochs) steps of batch 64, "
-                      "cross-entropy, from the untrained D's weights",
-        "rows": rows, "notes": notes, "seconds": round(time.perf_counter() - start, 1),
+        f"max({sup_min_steps}, {sup_epochs} epochs) steps of batch 64, "
+        "cross-entropy, from the untrained D's weights",
+        "rows": rows,
+        "notes": notes,
+        "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -444,12 +538,15 @@ def format_table(result: dict[str, Any]) -> str:
         cells += [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METHODS]
         body_rows.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in body_rows)) for i, h in enumerate(head)]
-    lines = [f"{result['source']} test split ({result['n_test']} images, {result['classes']} "
-             f"classes) at {result['resolution']}px x {result['channels']}ch: test accuracy %, "
-             f"mean ± std over {result['draws']} label draw(s)"]
+    lines = [
+        f"{result['source']} test split ({result['n_test']} images, {result['classes']} "
+        f"classes) at {result['resolution']}px x {result['channels']}ch: test accuracy %, "
+        f"mean ± std over {result['draws']} label draw(s)"
+    ]
     lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
-              for cells in body_rows]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in body_rows
+    ]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

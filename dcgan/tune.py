@@ -89,8 +89,17 @@ SPACE: tuple[Param, ...] = (
     Param("diffaug", choices=("", "translation,cutout", "color,translation,cutout")),
 )
 # what a trial's run does regardless of the space: it must measure itself
-RESERVED = ("kimg", "eval_every", "eval_features", "eval_n", "dataset", "resolution", "channels",
-            "device", "cache_dir")
+RESERVED = (
+    "kimg",
+    "eval_every",
+    "eval_features",
+    "eval_n",
+    "dataset",
+    "resolution",
+    "channels",
+    "device",
+    "cache_dir",
+)
 
 
 def _check_value(base: Config, name: str, value: Any) -> None:
@@ -114,16 +123,23 @@ def load_space(path: str | None, fixed: dict[str, Any], base: Config) -> tuple[P
             space = {}
         for name, spec in data.items():
             if not isinstance(spec, dict):
-                raise UserError(f"--space {path}: {name} needs an object such as "
-                                '{"low": 1e-4, "high": 1e-3, "log": true} or {"choices": [...]}')
+                raise UserError(
+                    f"--space {path}: {name} needs an object such as "
+                    '{"low": 1e-4, "high": 1e-3, "log": true} or {"choices": [...]}'
+                )
             unknown = set(spec) - {"low", "high", "log", "choices", "int"}
             if unknown:
                 raise UserError(f"--space {path}: {name}: unknown keys {sorted(unknown)}")
             if "choices" in spec:
                 space[name] = Param(name, choices=tuple(spec["choices"]))
             elif "low" in spec and "high" in spec:
-                space[name] = Param(name, float(spec["low"]), float(spec["high"]),
-                                    bool(spec.get("log", False)), bool(spec.get("int", False)))
+                space[name] = Param(
+                    name,
+                    float(spec["low"]),
+                    float(spec["high"]),
+                    bool(spec.get("log", False)),
+                    bool(spec.get("int", False)),
+                )
             else:
                 raise UserError(f"--space {path}: {name} needs low and high, or choices")
     index = field_index()
@@ -131,8 +147,9 @@ def load_space(path: str | None, fixed: dict[str, Any], base: Config) -> tuple[P
         if name not in index:
             raise UserError(f"config: unknown key {name!r} in the search space")
         if name in RESERVED:
-            raise UserError(f"{name} is set by dcgan tune itself (--kimg, --eval-every, ...), "
-                            "not searched")
+            raise UserError(
+                f"{name} is set by dcgan tune itself (--kimg, --eval-every, ...), not searched"
+            )
         if name in fixed:
             del space[name]
     for p in space.values():  # every end of every range must pass the config's checks
@@ -153,8 +170,9 @@ def parse_fix(items: list[str]) -> dict[str, str]:
     return fixed
 
 
-def base_config(preset: str, fix: list[str], dataset: str | None = None,
-                resolution: str | int | None = None) -> tuple[dict[str, str], Config]:
+def base_config(
+    preset: str, fix: list[str], dataset: str | None = None, resolution: str | int | None = None
+) -> tuple[dict[str, str], Config]:
     """(the fixed fields, the checked base config) of `dcgan tune`: --fix KEY=VALUE, plus
     --dataset and --resolution, which take what `dcgan train` takes and pin those fields.
 
@@ -191,9 +209,14 @@ class Settings:
     device: str = "auto"
 
     def attrs(self) -> dict[str, Any]:
-        return {"objective": "fid of G-EMA at the end of the trial (lower is better)",
-                "features": self.features, "n": self.n, "preset": self.preset,
-                "kimg": self.kimg, "eval_every": self.eval_every}
+        return {
+            "objective": "fid of G-EMA at the end of the trial (lower is better)",
+            "features": self.features,
+            "n": self.n,
+            "preset": self.preset,
+            "kimg": self.kimg,
+            "eval_every": self.eval_every,
+        }
 
 
 def storage_for(out: Path, url: str | None, heartbeat: int = 20, grace: int = 60):
@@ -204,13 +227,18 @@ def storage_for(out: Path, url: str | None, heartbeat: int = 20, grace: int = 60
     for attempt in range(6):
         try:
             with _quiet_optuna():
-                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                  heartbeat_stale_trial_callback=(
-                                      RetryHeartbeatStaleTrialCallback(max_retry=2)))
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=(RetryHeartbeatStaleTrialCallback(max_retry=2)),
+                )
         except ImportError as e:
             cause = f" ({e.__cause__})" if e.__cause__ else ""
-            raise UserError(f"--storage {url}: no database driver{cause}; for PostgreSQL: "
-                            "pip install 'dcgan[postgres]'") from None
+            raise UserError(
+                f"--storage {url}: no database driver{cause}; for PostgreSQL: "
+                "pip install 'dcgan[postgres]'"
+            ) from None
         except Exception as e:  # sqlalchemy's errors: host, port, password, or a race
             if not type(e).__module__.startswith(("sqlalchemy", "psycopg")):
                 raise
@@ -238,17 +266,28 @@ def open_study(out: Path, settings: Settings, storage):
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=settings.seed)
-    pruner = (optuna.pruners.HyperbandPruner() if settings.pruner == "hyperband"
-              else optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0))
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
-                                pruner=pruner, direction="minimize", load_if_exists=True)
+    pruner = (
+        optuna.pruners.HyperbandPruner()
+        if settings.pruner == "hyperband"
+        else optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    )
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        direction="minimize",
+        load_if_exists=True,
+    )
     have = study.user_attrs
     want = settings.attrs()
     if have:
         differs = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if differs:
-            raise UserError("this study was made with other settings, its numbers would not "
-                            f"compare: {differs} (stored, asked); use another --out or --storage")
+            raise UserError(
+                "this study was made with other settings, its numbers would not "
+                f"compare: {differs} (stored, asked); use another --out or --storage"
+            )
     else:
         for k, v in want.items():
             study.set_user_attr(k, v)
@@ -275,16 +314,28 @@ def _read_metrics(folder: Path) -> list[dict[str, Any]]:
     return read_stats(RunDir(folder).metrics)
 
 
-def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
-              fixed: dict[str, Any], poll_s: float = 0.5) -> float:
+def run_trial(
+    trial,
+    out: Path,
+    settings: Settings,
+    space: tuple[Param, ...],
+    fixed: dict[str, Any],
+    poll_s: float = 0.5,
+) -> float:
     """The objective: train one run in a subprocess, report its FIDs, return the last."""
     import optuna
 
     params = {p.name: p.suggest(trial) for p in space}
     folder = trial_folder(out, trial)
-    overrides = {**params, **fixed, "kimg": settings.kimg, "eval_every": settings.eval_every,
-                 "eval_features": settings.features, "eval_n": settings.n,
-                 "device": settings.device}
+    overrides = {
+        **params,
+        **fixed,
+        "kimg": settings.kimg,
+        "eval_every": settings.eval_every,
+        "eval_features": settings.features,
+        "eval_n": settings.n,
+        "device": settings.device,
+    }
     try:
         cfg = from_preset(settings.preset, overrides)
     except UserError as e:  # a point of the space the config refuses: a failed trial
@@ -293,12 +344,22 @@ def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
         cmd = ["train", "--resume", str(folder), "--kimg", str(settings.kimg)]
     else:
         atomic.write_text(RunDir(folder).trial_config, cfg.to_json() + "\n")
-        cmd = ["train", "--config", str(RunDir(folder).trial_config), "--out", str(folder),
-               "--force"]
+        cmd = [
+            "train",
+            "--config",
+            str(RunDir(folder).trial_config),
+            "--out",
+            str(folder),
+            "--force",
+        ]
     trial.set_user_attr("folder", folder.name)
     log = open(RunDir(folder).log, "a")
-    proc = subprocess.Popen([sys.executable, "-m", "dcgan", *cmd, "--quiet"], stdout=log,
-                            stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcgan", *cmd, "--quiet"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
     seen = 0
     try:
         while True:
@@ -309,8 +370,11 @@ def run_trial(trial, out: Path, settings: Settings, space: tuple[Param, ...],
                 if not done and trial.should_prune():
                     proc.send_signal(signal.SIGTERM)  # it saves its state and exits
                     proc.wait()
-                    atomic.write_text(RunDir(folder).pruned, json.dumps(
-                        {"trial": trial.number, "kimg": row["kimg"], "fid": row["fid"]}) + "\n")
+                    atomic.write_text(
+                        RunDir(folder).pruned,
+                        json.dumps({"trial": trial.number, "kimg": row["kimg"], "fid": row["fid"]})
+                        + "\n",
+                    )
                     raise optuna.TrialPruned(f"pruned at {row['kimg']} kimg")
             seen = len(rows)
             if done:
@@ -335,14 +399,20 @@ def counted(study) -> tuple[int, bool]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    n = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-            for t in trials)
+    n = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) for t in trials)
     return n, any(t.state == TrialState.WAITING for t in trials)
 
 
-def tune(out: str | Path, settings: Settings, space: tuple[Param, ...], fixed: dict[str, Any],
-         storage_url: str | None = None, progress: bool = True, heartbeat: int = 20,
-         grace: int = 60) -> Any:
+def tune(
+    out: str | Path,
+    settings: Settings,
+    space: tuple[Param, ...],
+    fixed: dict[str, Any],
+    storage_url: str | None = None,
+    progress: bool = True,
+    heartbeat: int = 20,
+    grace: int = 60,
+) -> Any:
     """Run trials until the study holds settings.trials of them (all workers together)."""
     import optuna
     from tqdm import tqdm
@@ -352,10 +422,18 @@ def tune(out: str | Path, settings: Settings, space: tuple[Param, ...], fixed: d
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(out, settings, storage_for(out, storage_url, heartbeat, grace))
     if progress:
-        print(f"searching {len(space)} parameters: " + "; ".join(p.describe() for p in space),
-              file=sys.stderr)
-    bar = tqdm(total=settings.trials, initial=min(counted(study)[0], settings.trials),
-               desc="tune", unit="trial", disable=not progress, dynamic_ncols=True)
+        print(
+            f"searching {len(space)} parameters: " + "; ".join(p.describe() for p in space),
+            file=sys.stderr,
+        )
+    bar = tqdm(
+        total=settings.trials,
+        initial=min(counted(study)[0], settings.trials),
+        desc="tune",
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def objective(trial) -> float:
         return run_trial(trial, out, settings, space, fixed)
@@ -398,32 +476,42 @@ def summary(out: str | Path, storage_url: str | None = None, plots: bool = True)
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(out, storage_url))
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
-    lines = [f"study in {out}: {len(trials)} trials; objective: {attrs.get('objective')}, "
-             f"{attrs.get('features')} features, n = {attrs.get('n')}, {attrs.get('kimg')} kimg",
-             f"{'#':>4} {'state':<9} {'FID':>8} {'kimg':>8} {'s':>7}  params"]
+    lines = [
+        f"study in {out}: {len(trials)} trials; objective: {attrs.get('objective')}, "
+        f"{attrs.get('features')} features, n = {attrs.get('n')}, {attrs.get('kimg')} kimg",
+        f"{'#':>4} {'state':<9} {'FID':>8} {'kimg':>8} {'s':>7}  params",
+    ]
     for t in trials:
         steps = sorted(t.intermediate_values)
         kimg = steps[-1] / 1000 if steps else 0.0
-        secs = (t.datetime_complete - t.datetime_start).total_seconds() if (
-            t.datetime_complete and t.datetime_start) else float("nan")
+        secs = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if (t.datetime_complete and t.datetime_start)
+            else float("nan")
+        )
         value = f"{t.value:8.2f}" if t.value is not None else f"{'-':>8}"
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items()))
-        lines.append(f"{t.number:>4} {t.state.name.lower():<9} {value} {kimg:>8.1f} "
-                     f"{secs:>7.0f}  {params}")
+        lines.append(
+            f"{t.number:>4} {t.state.name.lower():<9} {value} {kimg:>8.1f} {secs:>7.0f}  {params}"
+        )
     best = _best(study)
     if best is None:
         lines.append("no trial has completed yet")
         return "\n".join(lines)
-    lines.append(f"best: trial {best.number}, FID {best.value:.2f} "
-                 f"(folder {best.user_attrs.get('folder')})")
+    lines.append(
+        f"best: trial {best.number}, FID {best.value:.2f} (folder {best.user_attrs.get('folder')})"
+    )
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if len(complete) >= 3 and len({tuple(sorted(t.params.items())) for t in complete}) >= 3:
         try:
             with _quiet_optuna():
                 imp = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-            lines.append("parameter importances (fANOVA): " + ", ".join(
-                f"{k} {v:.2f}" for k, v in imp.items()))
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+                )
+            lines.append(
+                "parameter importances (fANOVA): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in imp.items())
+            )
         except (ValueError, RuntimeError) as e:
             lines.append(f"parameter importances: not computed ({e})")
     folder = out / best.user_attrs.get("folder", "")
@@ -431,11 +519,15 @@ def summary(out: str | Path, storage_url: str | None = None, plots: bool = True)
     if cfg_file.is_file():
         # the trial's config, less what was settled for the machine it ran on and less
         # the in-training evaluation the search needed: a config to train anywhere
-        cfg = apply_overrides(Config.from_dict(json.loads(cfg_file.read_text())), {
-            "precision": "auto", "channels_last": "auto", "device": "auto", "eval_every": 0.0})
+        cfg = apply_overrides(
+            Config.from_dict(json.loads(cfg_file.read_text())),
+            {"precision": "auto", "channels_last": "auto", "device": "auto", "eval_every": 0.0},
+        )
         (out / "best.json").write_text(cfg.to_json() + "\n")
-        lines.append(f"wrote {out / 'best.json'}: dcgan train --config {out / 'best.json'} "
-                     "[--kimg ...] trains it")
+        lines.append(
+            f"wrote {out / 'best.json'}: dcgan train --config {out / 'best.json'} "
+            "[--kimg ...] trains it"
+        )
     if plots and len(complete) >= 2:
         lines += _plots(study, out)
     return "\n".join(lines)
@@ -453,8 +545,11 @@ def _plots(study, out: Path) -> list[str]:
     from optuna.visualization import matplotlib as ovm
 
     written = []
-    for name, draw in (("history", ovm.plot_optimization_history),
-                       ("importances", ovm.plot_param_importances), ("slice", ovm.plot_slice)):
+    for name, draw in (
+        ("history", ovm.plot_optimization_history),
+        ("importances", ovm.plot_param_importances),
+        ("slice", ovm.plot_slice),
+    ):
         try:
             with _quiet_optuna():  # experimental-API and tight_layout warnings
                 ax = draw(study)

@@ -13,8 +13,11 @@ def pytest_runtest_makereport(item, call):
     say what was missing. Local runs still skip, with the reason."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and os.environ.get("CI", "").lower() == "true" and not hasattr(
-            report, "wasxfail"):
+    if (
+        report.skipped
+        and os.environ.get("CI", "").lower() == "true"
+        and not hasattr(report, "wasxfail")
+    ):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"

@@ -28,9 +28,19 @@ from dcgan.rundir import RunDir
 ROOT = Path(__file__).parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # tiny networks on pure noise: a run of 0.064 kimg takes a second or two
-TINY = {"dataset": "fake", "resolution": 32, "channels": 1, "ngf": 8, "ndf": 8, "nz": 16,
-        "batch": 16, "tick_kimg": 0.032, "checkpoint_ticks": 1, "precision": "fp32",
-        "channels_last": "on"}
+TINY = {
+    "dataset": "fake",
+    "resolution": 32,
+    "channels": 1,
+    "ngf": 8,
+    "ndf": 8,
+    "nz": 16,
+    "batch": 16,
+    "tick_kimg": 0.032,
+    "checkpoint_ticks": 1,
+    "precision": "fp32",
+    "channels_last": "on",
+}
 
 
 def flags(options: dict) -> list[str]:
@@ -62,9 +72,15 @@ def grid_tiles(path: Path, n: int, side: int, pad: int = 2) -> np.ndarray:
     canvas = np.asarray(Image.open(path))
     nrow = math.ceil(math.sqrt(n))
     step = side + pad
-    return np.stack([canvas[pad + (i // nrow) * step: pad + (i // nrow) * step + side,
-                            pad + (i % nrow) * step: pad + (i % nrow) * step + side]
-                     for i in range(n)])
+    return np.stack(
+        [
+            canvas[
+                pad + (i // nrow) * step : pad + (i // nrow) * step + side,
+                pad + (i % nrow) * step : pad + (i % nrow) * step + side,
+            ]
+            for i in range(n)
+        ]
+    )
 
 
 # -- the surface ---------------------------------------------------------------------------
@@ -73,8 +89,12 @@ def grid_tiles(path: Path, n: int, side: int, pad: int = 2) -> np.ndarray:
 def test_public_api_is_declared_typed_and_documented():
     assert {"load", "train", "evaluate", "Run", "Generator", "save_grid"} <= set(dcgan.__all__)
     documented = [getattr(dcgan, name) for name in dcgan.__all__ if name != "__version__"]
-    documented += [dcgan.Generator.sample, dcgan.Generator.z, dcgan.Generator.to_pil,
-                   dcgan.Generator.save_pretrained]
+    documented += [
+        dcgan.Generator.sample,
+        dcgan.Generator.z,
+        dcgan.Generator.to_pil,
+        dcgan.Generator.save_pretrained,
+    ]
     for obj in documented:
         doc = inspect.getdoc(obj) or ""
         assert ">>>" in doc, f"{obj.__qualname__} has no example in its docstring"
@@ -84,8 +104,9 @@ def test_public_api_is_declared_typed_and_documented():
     assert '"py.typed"' in (ROOT / "pyproject.toml").read_text()  # shipped as package data
     # `import dcgan` stays light: the command line starts without importing torch
     code = "import sys, dcgan; print('torch' in sys.modules)"
-    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert probe.stdout.strip() == "False", probe.stderr
 
 
@@ -129,8 +150,10 @@ def test_sample_is_seeded_and_equals_dcgan_sample(tiny_run, tmp_path, capsys):
         assert np.array_equal(grid_tiles(grid, 10, 32), mine[:, 0].numpy()), truncation
     # dcgan.save_grid writes the same picture from the uint8 samples
     dcgan.save_grid(images, tmp_path / "mine.png")
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "mine.png")),
-                          np.asarray(Image.open(tmp_path / "grid-None.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "mine.png")),
+        np.asarray(Image.open(tmp_path / "grid-None.png")),
+    )
     pictures = g.to_pil(images)
     assert len(pictures) == 10 and pictures[0].mode == "L" and pictures[0].size == (32, 32)
     assert np.array_equal(np.asarray(pictures[7]), images[7, 0].numpy())
@@ -138,8 +161,7 @@ def test_sample_is_seeded_and_equals_dcgan_sample(tiny_run, tmp_path, capsys):
         g.sample(4, classes=[0, 1, 2, 3])
 
 
-def test_sample_out_dir_writes_one_png_per_image_equal_to_the_samples(tiny_run, tmp_path,
-                                                                       capsys):
+def test_sample_out_dir_writes_one_png_per_image_equal_to_the_samples(tiny_run, tmp_path, capsys):
     from dcgan.data import load_images
     from dcgan.evaluate import sample_generator
 
@@ -165,8 +187,7 @@ def test_sample_out_dir_writes_one_png_per_image_equal_to_the_samples(tiny_run, 
 # -- train, Run ------------------------------------------------------------------------------
 
 
-def test_train_from_python_stops_on_ctrl_c_and_resumes_like_the_cli(tmp_path, monkeypatch,
-                                                                      capsys):
+def test_train_from_python_stops_on_ctrl_c_and_resumes_like_the_cli(tmp_path, monkeypatch, capsys):
     options = {**TINY, "report": "off"}
     straight = tmp_path / "cli"
     code = main(["train", *flags(options), "--kimg", "0.128", "--out", str(straight), "--quiet"])
@@ -205,10 +226,24 @@ def test_train_from_python_stops_on_ctrl_c_and_resumes_like_the_cli(tmp_path, mo
 
 def test_run_reads_config_stats_metrics_and_best_fid(tiny_run, tmp_path):
     folder = shutil.copytree(tiny_run, tmp_path / "run")
-    rows = [{"kimg": 0.032, "fid": 301.25, "kid": [0.3, 0.01], "features": "domain-x",
-             "best": True, "time": 0.0},
-            {"kimg": 0.064, "fid": 355.5, "kid": [0.4, 0.01], "features": "domain-x",
-             "best": False, "time": 1.0}]
+    rows = [
+        {
+            "kimg": 0.032,
+            "fid": 301.25,
+            "kid": [0.3, 0.01],
+            "features": "domain-x",
+            "best": True,
+            "time": 0.0,
+        },
+        {
+            "kimg": 0.064,
+            "fid": 355.5,
+            "kid": [0.4, 0.01],
+            "features": "domain-x",
+            "best": False,
+            "time": 1.0,
+        },
+    ]
     RunDir(folder).metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = dcgan.Run(folder)
     assert run.config.data.dataset == "fake" and run.config.train.kimg == 0.064
@@ -230,8 +265,22 @@ def test_run_reads_config_stats_metrics_and_best_fid(tiny_run, tmp_path):
 def test_evaluate_from_python_equals_dcgan_eval_json(tiny_run, tmp_path, capsys):
     result = dcgan.evaluate(tiny_run, "fashion-mnist:test", features="domain", n=64)
     path = tmp_path / "eval.json"
-    code = main(["eval", str(tiny_run), "fashion-mnist:test", "--metrics", "fid,kid",
-                 "--features", "domain", "--n", "64", "--json", str(path), "--quiet"])
+    code = main(
+        [
+            "eval",
+            str(tiny_run),
+            "fashion-mnist:test",
+            "--metrics",
+            "fid,kid",
+            "--features",
+            "domain",
+            "--n",
+            "64",
+            "--json",
+            str(path),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     cli = json.loads(path.read_text())
     for key in ("fid", "kid", "features", "n", "a", "b", "resolution", "channels"):
@@ -242,17 +291,28 @@ def test_evaluate_from_python_equals_dcgan_eval_json(tiny_run, tmp_path, capsys)
 # -- generators that travel ----------------------------------------------------------------
 
 
-def test_hf_folder_round_trips_bit_exactly_and_its_card_names_the_fid(tiny_run, tmp_path,
-                                                                      capsys):
+def test_hf_folder_round_trips_bit_exactly_and_its_card_names_the_fid(tiny_run, tmp_path, capsys):
     folder = shutil.copytree(tiny_run, tmp_path / "run")
-    rows = [{"kimg": 0.032, "fid": 301.25, "kid": [0.3, 0.01], "features": "domain-fm-1a2b",
-             "best": True, "time": 0.0}]
+    rows = [
+        {
+            "kimg": 0.032,
+            "fid": 301.25,
+            "kid": [0.3, 0.01],
+            "features": "domain-fm-1a2b",
+            "best": True,
+            "time": 0.0,
+        }
+    ]
     RunDir(folder).metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     hf = tmp_path / "hf"
     assert main(["export", str(folder), "--format", "hf", "--out", str(hf)]) == 0
     assert "hf" in capsys.readouterr().out
-    assert {p.name for p in hf.iterdir()} == {"model.safetensors", "config.json", "README.md",
-                                              "samples.png"}
+    assert {p.name for p in hf.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "samples.png",
+    }
     a, b = dcgan.load(folder, device="cpu"), dcgan.load(hf, device="cpu")
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()

@@ -23,20 +23,42 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_flops_of_the_canonical_64px_dcgan_match_a_hand_count():
     # multiply-adds written out layer by layer (conv: Cout*Hout*Wout*Cin*k*k,
     # transposed conv: Cin*Hin*Win*Cout*k*k), k = 4
-    g_macs = (100 * 1 * 512 * 16 + 512 * 16 * 256 * 16 + 256 * 64 * 128 * 16
-              + 128 * 256 * 64 * 16 + 64 * 1024 * 3 * 16)
-    d_macs = (64 * 1024 * 3 * 16 + 128 * 256 * 64 * 16 + 256 * 64 * 128 * 16
-              + 512 * 16 * 256 * 16 + 1 * 1 * 512 * 16)
+    g_macs = (
+        100 * 1 * 512 * 16
+        + 512 * 16 * 256 * 16
+        + 256 * 64 * 128 * 16
+        + 128 * 256 * 64 * 16
+        + 64 * 1024 * 3 * 16
+    )
+    d_macs = (
+        64 * 1024 * 3 * 16
+        + 128 * 256 * 64 * 16
+        + 256 * 64 * 128 * 16
+        + 512 * 16 * 256 * 16
+        + 1 * 1 * 512 * 16
+    )
     expected = 3 * 2 * g_macs + 8 * 2 * d_macs  # 3 F_G + 8 F_D per image
-    assert train_flops_per_image(Generator(100, 64, 3, 64), Discriminator(64, 3, 64),
-                                 100) == expected == 2_288_844_800
+    assert (
+        train_flops_per_image(Generator(100, 64, 3, 64), Discriminator(64, 3, 64), 100)
+        == expected
+        == 2_288_844_800
+    )
 
 
 def test_a_short_bench_gives_one_row_per_switch_and_data_kind(tmp_path, monkeypatch):
     monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
-    rows = run_bench("cpu", batches=(4,), resolutions=(32,), data_kinds=("synthetic",),
-                     names=("reference", "+channels_last", "default"), warmup=1, windows=2,
-                     steps=1, peak_tflops=1.0, progress=False)
+    rows = run_bench(
+        "cpu",
+        batches=(4,),
+        resolutions=(32,),
+        data_kinds=("synthetic",),
+        names=("reference", "+channels_last", "default"),
+        warmup=1,
+        windows=2,
+        steps=1,
+        peak_tflops=1.0,
+        progress=False,
+    )
     assert [r.name for r in rows] == ["reference", "+channels_last", "default"]
     for r in rows:
         assert r.img_per_s > 0 and r.peak_mem_mb > 0 and r.warmup_s > 0
@@ -67,8 +89,9 @@ def test_reference_waits_until_its_loader_workers_stop_prefetching():
     """After a batch is taken the workers refill their queue (here 2 workers x 2 batches
     of 4 items, ~0.1 s each); once `wait_for_idle_workers` returns they use no more CPU,
     so none of their work spills into the next row's timed window."""
-    loader = torch.utils.data.DataLoader(_Busy(), batch_size=4, num_workers=2,
-                                         persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        _Busy(), batch_size=4, num_workers=2, persistent_workers=True
+    )
     it = iter(loader)
     next(it)
     wait_for_idle_workers()
@@ -80,22 +103,29 @@ def test_reference_waits_until_its_loader_workers_stop_prefetching():
 
 # -- the command line: one subcommand per table, the old flags as aliases ---------------------
 
-SUBCOMMANDS = {"train": "bench_train", "features": "bench_features",
-               "generator": "bench_generator", "engine": "bench_engine"}
+SUBCOMMANDS = {
+    "train": "bench_train",
+    "features": "bench_features",
+    "generator": "bench_generator",
+    "engine": "bench_engine",
+}
 
 
-@pytest.mark.parametrize("argv, mode, alias", [
-    ([], "train", ""),
-    (["--batch", "4", "--profile", "t.json"], "train", ""),
-    (["train"], "train", ""),
-    (["features"], "features", ""),
-    (["--features"], "features", "--features"),
-    (["--device", "cpu", "--features", "--batch", "32"], "features", "--features"),
-    (["generator"], "generator", ""),
-    (["--generator", "--run", "R", "--gen-batch", "1,8"], "generator", "--generator"),
-    (["engine"], "engine", ""),
-    (["--engine", "--denoise-epochs", "0"], "engine", "--engine"),
-])
+@pytest.mark.parametrize(
+    "argv, mode, alias",
+    [
+        ([], "train", ""),
+        (["--batch", "4", "--profile", "t.json"], "train", ""),
+        (["train"], "train", ""),
+        (["features"], "features", ""),
+        (["--features"], "features", "--features"),
+        (["--device", "cpu", "--features", "--batch", "32"], "features", "--features"),
+        (["generator"], "generator", ""),
+        (["--generator", "--run", "R", "--gen-batch", "1,8"], "generator", "--generator"),
+        (["engine"], "engine", ""),
+        (["--engine", "--denoise-epochs", "0"], "engine", "--engine"),
+    ],
+)
 def test_each_subcommand_and_each_old_flag_reach_the_same_function(argv, mode, alias):
     from dcgan.bench import cli as bench_cli
     from dcgan.cli import build_parser
@@ -108,9 +138,16 @@ def test_each_subcommand_and_each_old_flag_reach_the_same_function(argv, mode, a
     assert {**vars(same), "bench_alias": alias} == vars(args)
 
 
-@pytest.mark.parametrize("argv", [["train", "--denoise-epochs", "0"], ["engine", "--profile", "x"],
-                                  ["features", "--data", "real"], ["generator", "--windows", "2"],
-                                  ["--engine", "--generator"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--denoise-epochs", "0"],
+        ["engine", "--profile", "x"],
+        ["features", "--data", "real"],
+        ["generator", "--windows", "2"],
+        ["--engine", "--generator"],
+    ],
+)
 def test_each_subcommand_has_only_its_own_flags(argv, capsys):
     from dcgan.cli import build_parser
 
@@ -134,8 +171,9 @@ def test_an_old_flag_runs_its_subcommand_after_a_one_line_note(monkeypatch, caps
     monkeypatch.setattr(features, "time_extractors", fake_time)
     assert main(["bench", "--features", "--batch", "8", "--device", "cpu", "--quiet"]) == 0
     out = capsys.readouterr()
-    assert out.err == ("dcgan: note: `dcgan bench --features` is deprecated: use `dcgan bench "
-                       "features`\n")
+    assert out.err == (
+        "dcgan: note: `dcgan bench --features` is deprecated: use `dcgan bench features`\n"
+    )
     assert main(["bench", "features", "--batch", "8", "--device", "cpu", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert calls == [("cpu", 8, 5, 3, False)] * 2

@@ -58,11 +58,18 @@ def test_matches_the_stored_forms_only():
     assert key.matches(key.to_json()) and key.matches(key.as_dict())
     assert key.matches(json.loads(json.dumps(key.as_dict(), indent=2)))  # as a JSON file holds it
     assert key.matches(json.dumps(key.as_dict(), indent=1))  # any spacing of the same JSON
-    for stored in (None, "", "{not json", "[]", 1, {"kind": "thing"},
-                   {"kind": "thing", "fields": {"a": 1.0, "b": "x"}},  # 1.0 is not 1
-                   {"kind": "thing", "fields": {"a": True, "b": "x"}},  # nor is true
-                   {"kind": "thing", "fields": {"a": 1, "b": "x", "c": 0}},  # nor more fields
-                   {"kind": "thing", "fields": {"a": float("nan"), "b": "x"}}):
+    for stored in (
+        None,
+        "",
+        "{not json",
+        "[]",
+        1,
+        {"kind": "thing"},
+        {"kind": "thing", "fields": {"a": 1.0, "b": "x"}},  # 1.0 is not 1
+        {"kind": "thing", "fields": {"a": True, "b": "x"}},  # nor is true
+        {"kind": "thing", "fields": {"a": 1, "b": "x", "c": 0}},  # nor more fields
+        {"kind": "thing", "fields": {"a": float("nan"), "b": "x"}},
+    ):
         assert not key.matches(stored), stored
 
 

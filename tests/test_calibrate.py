@@ -11,8 +11,15 @@ from dcgan import calibrate, machine
 from dcgan.calibrate import Setting, candidates, measure
 from dcgan.config import from_preset
 
-TINY = {"dataset": "fake", "resolution": 32, "channels": 1, "ngf": 8, "ndf": 8, "nz": 16,
-        "batch": 16}
+TINY = {
+    "dataset": "fake",
+    "resolution": 32,
+    "channels": 1,
+    "ngf": 8,
+    "ndf": 8,
+    "nz": 16,
+    "batch": 16,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -30,22 +37,27 @@ class FakeClock:
 
 def fake_steps(clock: FakeClock, sec_per_img: dict[str, float], calls: dict[str, list[int]]):
     """Steps that cost sec_per_img[name] * batch seconds of fake time."""
+
     def make(name):
         def step(b: int) -> None:
             calls[name].append(b)
             clock.now += sec_per_img[name] * b
+
         return step
+
     return {n: make(n) for n in sec_per_img}
 
 
 def test_measure_picks_the_fastest_and_screens_out_a_30x_slower_one_cheaply():
     clock, calls = FakeClock(), {n: [] for n in ("fp32/cl", "fp32/nchw", "bf16/cl")}
     cost = {"fp32/cl": 0.010, "fp32/nchw": 0.012, "bf16/cl": 0.30}  # seconds per image
-    rates, dropped = measure(fake_steps(clock, cost, calls), batch=128, clock=clock,
-                             budget_s=10.0, small=8)
+    rates, dropped = measure(
+        fake_steps(clock, cost, calls), batch=128, clock=clock, budget_s=10.0, small=8
+    )
     assert max(rates, key=rates.get) == "fp32/cl"
     assert rates["fp32/cl"] == pytest.approx(100.0) and rates["fp32/nchw"] == pytest.approx(
-        1 / 0.012)
+        1 / 0.012
+    )
     assert dropped == ["bf16/cl"]
     assert calls["bf16/cl"] == [8, 8]  # the slow candidate never ran a full-size step
     assert all(b in (8, 128) for b in calls["fp32/cl"]) and 128 in calls["fp32/cl"]
@@ -57,8 +69,9 @@ def test_measure_picks_the_fastest_and_screens_out_a_30x_slower_one_cheaply():
 def test_measure_stops_at_the_budget_after_a_full_round():
     clock, calls = FakeClock(), {"a": [], "b": []}
     cost = {"a": 0.05, "b": 0.04}  # one full step of 128 images: 6.4 s and 5.1 s
-    rates, dropped = measure(fake_steps(clock, cost, calls), batch=128, clock=clock,
-                             budget_s=10.0, small=8)
+    rates, dropped = measure(
+        fake_steps(clock, cost, calls), batch=128, clock=clock, budget_s=10.0, small=8
+    )
     assert dropped == [] and max(rates, key=rates.get) == "b"
     assert calls["a"].count(128) == 1 and calls["b"].count(128) == 1  # one round: 11.5 s
     assert clock.now < 10.0 + 6.4 + 5.1 + 1
@@ -77,16 +90,19 @@ def test_warm_up_round_is_left_out_of_the_median():
         calls["b"].append(b)
         clock.now += 0.002 * b
 
-    rates, _ = measure({"a": slow_first, "b": steady}, batch=16, clock=clock, budget_s=100,
-                       small=4)
+    rates, _ = measure({"a": slow_first, "b": steady}, batch=16, clock=clock, budget_s=100, small=4)
     assert max(rates, key=rates.get) == "a"
 
 
 def test_candidates_follow_the_probe_rule_and_explicit_values():
-    no_bf16 = {"capability": "AVX2", "avx2": True, "avx512": False, "avx512_bf16": False,
-               "amx": False}
-    bf16 = {"capability": "AVX512", "avx2": True, "avx512": True, "avx512_bf16": True,
-            "amx": False}
+    no_bf16 = {
+        "capability": "AVX2",
+        "avx2": True,
+        "avx512": False,
+        "avx512_bf16": False,
+        "amx": False,
+    }
+    bf16 = {"capability": "AVX512", "avx2": True, "avx512": True, "avx512_bf16": True, "amx": False}
     assert candidates("auto", "auto", no_bf16) == [Setting("fp32", True), Setting("fp32", False)]
     assert Setting("bf16", True) in candidates("auto", "auto", bf16)
     assert len(candidates("auto", "auto", bf16)) == 4
@@ -108,8 +124,9 @@ def test_real_calibration_on_this_cpu_is_cached_and_keeps_the_rng(tmp_path):
     names = {s.name for s in candidates("auto", "auto", machine.cpu_isa())}
     if choice.how == "measured":
         assert set(choice.img_per_s) == names and all(v > 0 for v in choice.img_per_s.values())
-        best = max((n for n in choice.img_per_s if n not in choice.dropped),
-                   key=choice.img_per_s.get)
+        best = max(
+            (n for n in choice.img_per_s if n not in choice.dropped), key=choice.img_per_s.get
+        )
         assert choice.setting.name == best
         cache = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())
         key = calibrate.cache_key(cfg, 1, "auto", "auto")
@@ -138,8 +155,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path):
     assert json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())
 
 
-def test_an_entry_of_another_key_or_of_the_old_format_is_measured_again(tmp_path,
-                                                                         monkeypatch):
+def test_an_entry_of_another_key_or_of_the_old_format_is_measured_again(tmp_path, monkeypatch):
     """Same entry name, other content: the key stored in the entry decides. Entries of the
     format before keys were stored (named by a `|`-joined string) are never read, and
     dropped when the file is written again."""
@@ -153,8 +169,15 @@ def test_an_entry_of_another_key_or_of_the_old_format_is_measured_again(tmp_path
     monkeypatch.setattr(calibrate, "measure", fake_measure)
     monkeypatch.setattr(calibrate, "train_steps", lambda *a: {})
     key = calibrate.cache_key(cfg, 1, "fp32", "auto")
-    wrong = {"precision": "fp32", "channels_last": False, "how": "measured",
-             "capability": "X", "img_per_s": {}, "dropped": [], "seconds": 0.0}
+    wrong = {
+        "precision": "fp32",
+        "channels_last": False,
+        "how": "measured",
+        "capability": "X",
+        "img_per_s": {},
+        "dropped": [],
+        "seconds": 0.0,
+    }
     other = dataclasses.replace(key, cpu="another CPU")
     path = tmp_path / "cache" / calibrate.CACHE_FILE
     path.parent.mkdir()

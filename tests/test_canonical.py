@@ -27,15 +27,20 @@ class CanonicalG(nn.Module):
         super().__init__()
         self.main = nn.Sequential(
             nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),
-            nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+            nn.BatchNorm2d(ngf * 8),
+            nn.ReLU(True),
             nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(True),
             nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(True),
             nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(ngf), nn.ReLU(True),
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(True),
             nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False),
-            nn.Tanh())
+            nn.Tanh(),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.main(z)
@@ -47,14 +52,20 @@ class CanonicalD(nn.Module):
     def __init__(self, ndf: int, nc: int) -> None:
         super().__init__()
         self.main = nn.Sequential(
-            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2),
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4),
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 2),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8),
+            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 4),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
+            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 8),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False),
+            nn.Sigmoid(),
+        )
 
 
 def trained_looking(nz: int, ngf: int, nc: int, seed: int = 0) -> CanonicalG:
@@ -100,8 +111,9 @@ def test_a_canonical_checkpoint_imports_samples_and_evaluates(tmp_path, capsys):
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == (2 * 66 + 2, 2 * 66 + 2) and im.mode == "RGB"
-    assert main(["export", str(run), "--format", "torchscript",
-                 "--out", str(tmp_path / "g.pt")]) == 0
+    assert (
+        main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "g.pt")]) == 0
+    )
     assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert "netG_epoch_24.pth" in (tmp_path / "hf" / "README.md").read_text()

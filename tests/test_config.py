@@ -8,12 +8,24 @@ from dcgan.errors import UserError
 
 def test_presets_resolve():
     cfg = from_preset("dcgan64")
-    assert (cfg.data.resolution, cfg.train.batch, cfg.model.nz, cfg.model.ngf,
-            cfg.model.ndf) == (64, 128, 100, 64, 64)
+    assert (cfg.data.resolution, cfg.train.batch, cfg.model.nz, cfg.model.ngf, cfg.model.ndf) == (
+        64,
+        128,
+        100,
+        64,
+        64,
+    )
     safe = from_preset("safe128")
-    assert (safe.data.resolution, safe.train.batch, safe.model.ngf, safe.model.ndf,
-            safe.model.nz, safe.train.weight_decay, safe.train.instance_noise,
-            safe.train.g_opt) == (128, 512, 128, 32, 128, 0.05, 0.2, "adamw")
+    assert (
+        safe.data.resolution,
+        safe.train.batch,
+        safe.model.ngf,
+        safe.model.ndf,
+        safe.model.nz,
+        safe.train.weight_decay,
+        safe.train.instance_noise,
+        safe.train.g_opt,
+    ) == (128, 512, 128, 32, 128, 0.05, 0.2, "adamw")
     assert from_preset("fmnist32").data.dataset == "fashion-mnist"
     assert set(PRESETS) == {"fmnist32", "dcgan64", "color64", "safe128"}
 
@@ -29,14 +41,17 @@ def test_overrides_are_typed_and_strict():
         from_preset("nope")
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("batch", 0, "batch must be >= 1"),
-    ("g_lr", 0.0, "learning rates must be > 0"),
-    ("resolution", 48, "resolution must be one of"),
-    ("nz", 0, "nz must be >= 1"),
-    ("d_opt", "rmsprop", "d_opt must be"),
-    ("precision", "fp8", "precision must be"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("batch", 0, "batch must be >= 1"),
+        ("g_lr", 0.0, "learning rates must be > 0"),
+        ("resolution", 48, "resolution must be one of"),
+        ("nz", 0, "nz must be >= 1"),
+        ("d_opt", "rmsprop", "d_opt must be"),
+        ("precision", "fp8", "precision must be"),
+    ],
+)
 def test_validation_names_the_range(key, value, message):
     with pytest.raises(UserError, match=message):
         apply_overrides(Config(), {key: value})
@@ -64,8 +79,12 @@ def test_every_choice_comes_from_one_list():
         with pytest.raises(UserError, match=f"{name} must be one of {one_of(allowed)}, got nope"):
             from_preset("fmnist32", {name: "nope"})
     assert from_preset("fmnist32", {"loss": "hinge", "d_opt": "sgd"}).train.d_opt == "sgd"
-    help_ = subprocess.run([sys.executable, "-m", "dcgan", "train", "--help"],
-                           capture_output=True, text=True, check=True).stdout
+    help_ = subprocess.run(
+        [sys.executable, "-m", "dcgan", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "bce, hinge, lsgan or wgan-gp" in " ".join(help_.split())
 
 

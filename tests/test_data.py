@@ -170,8 +170,9 @@ def test_idx_folder_without_test_split(tmp_path: Path) -> None:
 
 def test_real_fashion_mnist(shared_cache: Path, monkeypatch) -> None:
     if not (sources.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"{sources.FASHION_MNIST_SYSTEM_DIR} missing: "
-                    "apt-get install dataset-fashion-mnist")
+        pytest.skip(
+            f"{sources.FASHION_MNIST_SYSTEM_DIR} missing: apt-get install dataset-fashion-mnist"
+        )
     monkeypatch.setenv("DCGAN_CACHE", str(shared_cache))
     t0 = time.perf_counter()
     train = load_images("fashion-mnist", 32, progress=False)
@@ -183,8 +184,9 @@ def test_real_fashion_mnist(shared_cache: Path, monkeypatch) -> None:
     assert test.images.shape == (10000, 1, 32, 32)
     assert np.bincount(test.labels).tolist() == [1000] * 10
     # The first training image resized independently from the raw file.
-    raw = gzip.decompress((sources.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz")
-                          .read_bytes())
+    raw = gzip.decompress(
+        (sources.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").read_bytes()
+    )
     first = np.frombuffer(raw, np.uint8, count=28 * 28, offset=16).reshape(1, 28, 28)
     np.testing.assert_array_equal(train.images[0, 0], pil_resize(first, 32)[0])
     assert train.labels[0] == 9  # Fashion-MNIST's first training item is an ankle boot
@@ -342,8 +344,12 @@ def write_cifar(folder: Path, per_batch: int = 10) -> dict[str, tuple[np.ndarray
     for protocol, name in zip([2, 3, 4, 5, 5, 2], names, strict=True):
         rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, per_batch).tolist()
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": rows,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": rows,
+            b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         out[name] = (rows, labels)
     return out
@@ -475,11 +481,9 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
     np.testing.assert_array_equal(second.images, first.images)
 
     files[0].write_bytes(b"PK\x03\x04 not really a zip")  # damaged: rebuilt, no crash
-    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images,
-                                  first.images)
+    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images, first.images)
     np.savez(files[0], images=np.zeros((2, 3, 8, 8), np.uint8), skipped=0)  # wrong shape
-    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images,
-                                  first.images)
+    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images, first.images)
     with np.load(files[0], allow_pickle=False) as z:
         assert z["images"].shape == (5, 3, 32, 32)
 
@@ -491,8 +495,9 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
     assert len(files_now) == 1 and files_now[0] != files[0]  # stale version removed
 
 
-def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(tmp_path: Path, cache: Path,
-                                                               monkeypatch, capsys) -> None:
+def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(
+    tmp_path: Path, cache: Path, monkeypatch, capsys
+) -> None:
     """Same name, other content: the key stored inside decides, not the name. Files
     written before keys were stored (no key inside, no digest in the name) are never read."""
     folder = small_folder(tmp_path / "imgs")
@@ -506,8 +511,9 @@ def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(tmp_path: Path, c
     wrong = np.zeros_like(first.images)
     decoded = []
     real_build = sources._load_image_file
-    monkeypatch.setattr(sources, "_load_image_file",
-                        lambda *a, **k: decoded.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(
+        sources, "_load_image_file", lambda *a, **k: decoded.append(1) or real_build(*a, **k)
+    )
 
     def plant(stored_key: str | None) -> None:
         arrays = {"images": wrong, "skipped": np.int64(0)}
@@ -517,8 +523,12 @@ def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(tmp_path: Path, c
             np.savez(f, **arrays)
 
     other = ImagesKey(key.source, key.content, 32, 3, "test")  # another split's key
-    for stored_key in (other.to_json(), None, "", key.to_json().replace('"version":1',
-                                                                        '"version":0')):
+    for stored_key in (
+        other.to_json(),
+        None,
+        "",
+        key.to_json().replace('"version":1', '"version":0'),
+    ):
         plant(stored_key)
         decoded.clear()
         again = load_images(str(folder), 32, progress=False)
@@ -536,8 +546,7 @@ def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(tmp_path: Path, c
         np.savez(f, images=wrong, skipped=np.int64(0))
     path.unlink()
     decoded.clear()
-    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images,
-                                  first.images)
+    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images, first.images)
     assert decoded and not legacy.exists()  # built anew; the old file removed
     assert [p.name for p in cache.glob("images-*")] == [path.name]
 
@@ -563,7 +572,9 @@ def test_cache_keys_channels_and_labels(tmp_path: Path, cache: Path) -> None:
     load_images(str(folder), 32, split="test", progress=False)
     keys = {tuple(p.name.rsplit("-", 3)[1:]): p for p in cache.glob("images-*")}
     assert sorted(keys) == [
-        ("32px", "1ch", "test.npz"), ("32px", "1ch", "train.npz"), ("32px", "3ch", "train.npz")
+        ("32px", "1ch", "test.npz"),
+        ("32px", "1ch", "train.npz"),
+        ("32px", "3ch", "train.npz"),
     ]
     with np.load(keys["32px", "1ch", "train.npz"], allow_pickle=False) as z:
         assert z["labels"].dtype == np.int64 and z["labels"].shape == (4,)

@@ -72,18 +72,18 @@ def _conv_grid(transposed: bool, n_draws: int = 28, seed: int = 1234) -> list[tu
 
 
 CONV_EDGES = [
-    (1, 1, 1, 1, 1, 0, 1, 1),      # everything 1
-    (2, 3, 4, 5, 1, 0, 5, 5),      # kernel = input: 1x1 output
-    (2, 3, 4, 5, 3, 2, 5, 6),      # kernel > input, padding makes it fit
-    (3, 2, 5, 4, 2, 1, 32, 32),    # the DCGAN layer shape
-    (2, 4, 3, 3, 3, 0, 10, 7),     # stride leaves rows unused (10 - 3 not divisible by 3)
-    (1, 16, 16, 2, 2, 0, 8, 9),    # non-overlapping windows, odd width
+    (1, 1, 1, 1, 1, 0, 1, 1),  # everything 1
+    (2, 3, 4, 5, 1, 0, 5, 5),  # kernel = input: 1x1 output
+    (2, 3, 4, 5, 3, 2, 5, 6),  # kernel > input, padding makes it fit
+    (3, 2, 5, 4, 2, 1, 32, 32),  # the DCGAN layer shape
+    (2, 4, 3, 3, 3, 0, 10, 7),  # stride leaves rows unused (10 - 3 not divisible by 3)
+    (1, 16, 16, 2, 2, 0, 8, 9),  # non-overlapping windows, odd width
 ]
 CONVT_EDGES = [
     (1, 1, 1, 1, 1, 0, 1, 1),
-    (2, 5, 3, 4, 1, 0, 1, 1),      # the generator's first layer: 1x1 -> 4x4
-    (3, 4, 2, 4, 2, 1, 4, 5),      # the generator's doubling layer
-    (2, 3, 3, 5, 3, 2, 3, 2),      # padding crops a strided output
+    (2, 5, 3, 4, 1, 0, 1, 1),  # the generator's first layer: 1x1 -> 4x4
+    (3, 4, 2, 4, 2, 1, 4, 5),  # the generator's doubling layer
+    (2, 3, 3, 5, 3, 2, 3, 2),  # padding crops a strided output
     (1, 16, 16, 2, 2, 0, 7, 8),
 ]
 
@@ -265,12 +265,21 @@ def _pair_of_sequentials(kernel: str) -> tuple[engine.Sequential, nn.Sequential]
     ours = engine.Sequential(
         # no conv bias in front of BatchNorm: its true gradient is 0 (BN removes it) and
         # only rounding noise would be compared
-        engine.Conv2d(3, 6, 3, 1, 1, bias=False, kernel=kernel), engine.BatchNorm2d(6),
-        engine.LeakyReLU(0.2), engine.Dropout(0.0),
-        engine.ConvTranspose2d(6, 4, 4, 2, 1, kernel=kernel), engine.Tanh())
-    theirs = nn.Sequential(nn.Conv2d(3, 6, 3, 1, 1, bias=False), nn.BatchNorm2d(6),
-                           nn.LeakyReLU(0.2), nn.Dropout(0.0), nn.ConvTranspose2d(6, 4, 4, 2, 1),
-                           nn.Tanh())
+        engine.Conv2d(3, 6, 3, 1, 1, bias=False, kernel=kernel),
+        engine.BatchNorm2d(6),
+        engine.LeakyReLU(0.2),
+        engine.Dropout(0.0),
+        engine.ConvTranspose2d(6, 4, 4, 2, 1, kernel=kernel),
+        engine.Tanh(),
+    )
+    theirs = nn.Sequential(
+        nn.Conv2d(3, 6, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.LeakyReLU(0.2),
+        nn.Dropout(0.0),
+        nn.ConvTranspose2d(6, 4, 4, 2, 1),
+        nn.Tanh(),
+    )
     ours.to(dtype=F64)
     theirs.to(F64).load_state_dict(ours.state_dict())
     return ours, theirs
@@ -316,13 +325,16 @@ def test_losses() -> None:
     torch.manual_seed(8)
     pred = torch.randn(6, 5, dtype=F64) * 20  # large logits check the stable form
     target = torch.rand(6, 5, dtype=F64)
-    for ours, ref in ((engine.MSELoss(), F.mse_loss),
-                      (engine.BCEWithLogitsLoss(), F.binary_cross_entropy_with_logits)):
+    for ours, ref in (
+        (engine.MSELoss(), F.mse_loss),
+        (engine.BCEWithLogitsLoss(), F.binary_cross_entropy_with_logits),
+    ):
         pt = leaf(pred)
         lt = ref(pt, target)
         lt.backward()
-        loss, gp = forward_backward(lambda p, ours=ours: ours(p, target), pred,
-                                    torch.tensor(1.0, dtype=F64))
+        loss, gp = forward_backward(
+            lambda p, ours=ours: ours(p, target), pred, torch.tensor(1.0, dtype=F64)
+        )
         assert loss.dim() == 0
         assert rel(loss, lt.detach()) < TOL
         assert rel(gp, pt.grad) < TOL
@@ -351,8 +363,10 @@ def _run_optimisers(make_ours, make_theirs, steps: int = 6) -> float:
 
 @pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.05)])
 def test_sgd_matches_torch(momentum: float, wd: float) -> None:
-    err = _run_optimisers(lambda p: engine.SGD(p, 0.1, momentum, wd),
-                          lambda p: torch.optim.SGD(p, 0.1, momentum, weight_decay=wd))
+    err = _run_optimisers(
+        lambda p: engine.SGD(p, 0.1, momentum, wd),
+        lambda p: torch.optim.SGD(p, 0.1, momentum, weight_decay=wd),
+    )
     assert err < 1e-12
 
 
@@ -361,7 +375,8 @@ def test_adam_and_adamw_match_torch(decoupled: bool, wd: float) -> None:
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     err = _run_optimisers(
         lambda p: engine.Adam(p, 1e-2, (0.5, 0.99), 1e-8, wd, decoupled),
-        lambda p: cls(p, 1e-2, (0.5, 0.99), 1e-8, weight_decay=wd))
+        lambda p: cls(p, 1e-2, (0.5, 0.99), 1e-8, weight_decay=wd),
+    )
     assert err < 1e-12
 
 
@@ -396,8 +411,9 @@ def test_dcgan_state_dicts_round_trip(resolution: int) -> None:
     ed = engine.build_discriminator(ndf, nc, resolution).to(dtype=F64)
     tg, td = Generator(nz, ngf, nc, resolution).to(F64), Discriminator(ndf, nc, resolution).to(F64)
     for ours, theirs in ((eg, tg), (ed, td)):
-        assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
-               [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+        assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
+            (k, tuple(v.shape)) for k, v in theirs.state_dict().items()
+        ]
         theirs.load_state_dict(ours.state_dict())  # engine -> torch (strict)
     # torch -> engine: perturb the torch copies, load them back, compare outputs in eval
     with torch.no_grad():
@@ -464,15 +480,27 @@ def _max_state_diff(gan: ScratchGAN, ref: TorchGAN) -> float:
     return worst
 
 
-@pytest.mark.parametrize("kernel,resolution,decoupled", [
-    ("native", 32, False), ("unfold", 32, True), ("native", 64, True)])
+@pytest.mark.parametrize(
+    "kernel,resolution,decoupled",
+    [("native", 32, False), ("unfold", 32, True), ("native", 64, True)],
+)
 def test_whole_gan_step_matches_torch(kernel: str, resolution: int, decoupled: bool) -> None:
     """3 steps of D and G updates with Adam/AdamW, float64: weights, BatchNorm running
     statistics and the reported numbers agree with torch autograd to 1e-10."""
     torch.manual_seed(13)
-    kw = dict(nz=16, ngf=8, ndf=8, nc=3, resolution=resolution, g_lr=2e-3, d_lr=1e-3,
-              betas=(0.5, 0.999), weight_decay=0.05 if decoupled else 0.0,
-              decoupled=decoupled, dtype=F64)
+    kw = dict(
+        nz=16,
+        ngf=8,
+        ndf=8,
+        nc=3,
+        resolution=resolution,
+        g_lr=2e-3,
+        d_lr=1e-3,
+        betas=(0.5, 0.999),
+        weight_decay=0.05 if decoupled else 0.0,
+        decoupled=decoupled,
+        dtype=F64,
+    )
     gan = ScratchGAN(**kw, kernel=kernel)
     ref = TorchGAN(**kw).load_from(gan)
     for _ in range(3):
@@ -513,8 +541,17 @@ def test_engine_step_runs_without_autograd(monkeypatch: pytest.MonkeyPatch) -> N
             assert p.grad.abs().sum() > 0
 
 
-ENGINE_CORE = ["graph.py", "functions.py", "module.py", "conv.py", "layers.py", "losses.py",
-               "optim.py", "models.py", "gan.py"]
+ENGINE_CORE = [
+    "graph.py",
+    "functions.py",
+    "module.py",
+    "conv.py",
+    "layers.py",
+    "losses.py",
+    "optim.py",
+    "models.py",
+    "gan.py",
+]
 
 
 @pytest.mark.parametrize("filename", ENGINE_CORE)
@@ -526,11 +563,13 @@ def test_engine_core_source_uses_no_nn_or_autograd(filename: str) -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             assert not (node.module or "").startswith(("torch.nn", "torch.autograd")), filename
-            assert not (node.module == "torch" and any(a.name in ("nn", "autograd")
-                                                       for a in node.names)), filename
+            assert not (
+                node.module == "torch" and any(a.name in ("nn", "autograd") for a in node.names)
+            ), filename
         if isinstance(node, ast.Import):
-            assert not any(a.name.startswith(("torch.nn", "torch.autograd"))
-                           for a in node.names), filename
+            assert not any(a.name.startswith(("torch.nn", "torch.autograd")) for a in node.names), (
+                filename
+            )
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             assert not (node.value.id == "torch" and node.attr in ("nn", "autograd")), filename
     assert "requires_grad" not in source.replace("requires_grad=True", "")
@@ -624,8 +663,10 @@ def test_discriminator_two_forwards_any_backward_order(order: str) -> None:
     real = torch.rand(5, 2, 32, 32, dtype=F64) * 2 - 1
     fake = torch.randn(5, 2, 32, 32, dtype=F64)
     t_real = torch.full((5,), 0.9, dtype=F64)
-    (F.binary_cross_entropy_with_logits(td(real), t_real)
-     + F.binary_cross_entropy_with_logits(td(fake), torch.zeros(5, dtype=F64))).backward()
+    (
+        F.binary_cross_entropy_with_logits(td(real), t_real)
+        + F.binary_cross_entropy_with_logits(td(fake), torch.zeros(5, dtype=F64))
+    ).backward()
     bce_real, bce_fake = engine.BCEWithLogitsLoss(), engine.BCEWithLogitsLoss()
     loss_real = bce_real(ed(real), t_real)
     loss_fake = bce_fake(ed(fake), 0.0)
@@ -652,6 +693,7 @@ def test_graph_walk_runs_each_node_once_on_a_diamond() -> None:
         def backward(saved, g, input_grad):
             calls.append(type(m).__name__)
             return inner(saved, g, input_grad)
+
         return backward
 
     for m in (lin, tanh, sig):

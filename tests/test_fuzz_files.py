@@ -17,30 +17,69 @@ from PIL import Image
 import dcgan
 from dcgan.cli import main
 
-TINY = ["--dataset", "fake", "--resolution", "32", "--channels", "1", "--ngf", "8", "--ndf", "8",
-        "--nz", "16", "--batch", "16", "--tick-kimg", "0.016", "--checkpoint-ticks", "1",
-        "--precision", "fp32", "--channels-last", "on", "--quiet"]
-RUN_FILES = ("config.json", "stats.jsonl", "metrics.jsonl", "events.jsonl", "machine.json",
-             "checkpoint.pt", "generator.safetensors", "d_init.safetensors", ".lock",
-             "samples/fakes000000032.png")
+TINY = [
+    "--dataset",
+    "fake",
+    "--resolution",
+    "32",
+    "--channels",
+    "1",
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--nz",
+    "16",
+    "--batch",
+    "16",
+    "--tick-kimg",
+    "0.016",
+    "--checkpoint-ticks",
+    "1",
+    "--precision",
+    "fp32",
+    "--channels-last",
+    "on",
+    "--quiet",
+]
+RUN_FILES = (
+    "config.json",
+    "stats.jsonl",
+    "metrics.jsonl",
+    "events.jsonl",
+    "machine.json",
+    "checkpoint.pt",
+    "generator.safetensors",
+    "d_init.safetensors",
+    ".lock",
+    "samples/fakes000000032.png",
+)
 EXAMPLES = int(os.environ.get("DCGAN_FUZZ_EXAMPLES", "40"))
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
-    | st.floats(allow_nan=False) | st.text(max_size=6),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=3),
-    max_leaves=6)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @st.composite
 def damage(draw, data: bytes, name: str) -> bytes:
     """A damaged copy of a file's bytes."""
     is_json = name.endswith((".json", ".jsonl"))
-    kind = draw(st.sampled_from(["cut", "flip", "junk", "empty", "latin1"]
-                                + (["json"] * 4 if is_json else [])))
+    kind = draw(
+        st.sampled_from(
+            ["cut", "flip", "junk", "empty", "latin1"] + (["json"] * 4 if is_json else [])
+        )
+    )
     if kind == "cut":
-        return data[:draw(st.integers(0, max(len(data) - 1, 0)))]
+        return data[: draw(st.integers(0, max(len(data) - 1, 0)))]
     if kind == "flip":
         out = bytearray(data)
         for _ in range(draw(st.integers(1, 8))):
@@ -105,18 +144,41 @@ def pristine(tmp_path_factory):
     try:
         run = root / "run"
         assert main(["train", *TINY, "--kimg", "0.032", "--out", str(run)]) == 0
-        (run / "metrics.jsonl").write_text(json.dumps(
-            {"kimg": 0.032, "fid": 123.4, "fid_n": 64, "features": "domain", "best": True,
-             "time": 1.0}) + "\n")
+        (run / "metrics.jsonl").write_text(
+            json.dumps(
+                {
+                    "kimg": 0.032,
+                    "fid": 123.4,
+                    "fid_n": 64,
+                    "features": "domain",
+                    "best": True,
+                    "time": 1.0,
+                }
+            )
+            + "\n"
+        )
         (run / ".lock").write_text("999999 elsewhere 1.0\n")
         images = root / "images"
         images.mkdir()
         rng = np.random.default_rng(0)
         for i in range(20):
             Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(
-                images / f"{i}.png")
-        assert main(["data", "info", str(images), "--resolution", "32", "--preview",
-                     str(root / "p.png")]) == 0
+                images / f"{i}.png"
+            )
+        assert (
+            main(
+                [
+                    "data",
+                    "info",
+                    str(images),
+                    "--resolution",
+                    "32",
+                    "--preview",
+                    str(root / "p.png"),
+                ]
+            )
+            == 0
+        )
     finally:
         os.environ["DCGAN_CACHE"] = before or ""
     return root
@@ -129,18 +191,25 @@ def fresh_copy(pristine: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
     return work / "run", work / "cache", pristine / "images"
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(st.sampled_from(RUN_FILES), st.data())
-def test_a_damaged_run_folder_file_never_tracebacks(pristine, tmp_path, capsys, monkeypatch,
-                                                     name, data):
+def test_a_damaged_run_folder_file_never_tracebacks(
+    pristine, tmp_path, capsys, monkeypatch, name, data
+):
     run, cache, _ = fresh_copy(pristine, tmp_path)
     monkeypatch.setenv("DCGAN_CACHE", str(cache))
     path = run / name
     original = path.read_bytes()
-    path.write_bytes(data.draw(damage(original, name),
-                               label="content"))
+    path.write_bytes(data.draw(damage(original, name), label="content"))
     out = run.parent
     run_cli(capsys, ["report", run, "--out", out / "r.html"])
     run_cli(capsys, ["compare", run, run, "--out", out / "c.html"])
@@ -155,22 +224,36 @@ def test_a_damaged_run_folder_file_never_tracebacks(pristine, tmp_path, capsys, 
 
 
 def _cache_files(cache: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
-                  if p.is_file() and (p.name.startswith("images-") or p.parent.name == "digests"
-                                      or p.name.startswith("calibration")))
+    return sorted(
+        str(p.relative_to(cache))
+        for p in cache.rglob("*")
+        if p.is_file()
+        and (
+            p.name.startswith("images-")
+            or p.parent.name == "digests"
+            or p.name.startswith("calibration")
+        )
+    )
 
 
-@settings(max_examples=max(EXAMPLES // 2, 10), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=max(EXAMPLES // 2, 10),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(st.data())
 def test_a_damaged_cache_file_never_tracebacks(pristine, tmp_path, capsys, monkeypatch, data):
     run, cache, images = fresh_copy(pristine, tmp_path)
     monkeypatch.setenv("DCGAN_CACHE", str(cache))
     name = data.draw(st.sampled_from(_cache_files(cache)), label="file")
     path = cache / name
-    path.write_bytes(data.draw(damage(path.read_bytes(), name),
-                               label="content"))
-    code = run_cli(capsys, ["data", "info", images, "--resolution", "32", "--preview",
-                            run.parent / "p.png"])
+    path.write_bytes(data.draw(damage(path.read_bytes(), name), label="content"))
+    code = run_cli(
+        capsys, ["data", "info", images, "--resolution", "32", "--preview", run.parent / "p.png"]
+    )
     assert code == 0  # a damaged cache file is rebuilt, never fatal

@@ -59,8 +59,9 @@ def test_two_processes_writing_one_file_both_succeed(tmp_path):
 def test_a_dead_writers_temporary_is_removed(tmp_path):
     """What a killed write leaves (a temporary naming a pid that no longer runs) is
     cleaned by the next write; a live process's is not."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / f".x.bin.{atomic.HOST}.{dead}.abc123.tmp"
     live = tmp_path / f".x.bin.{atomic.HOST}.{os.getppid()}.def456.tmp"
     stale.write_bytes(b"old")
@@ -74,14 +75,20 @@ def test_two_data_info_processes_on_a_new_folder_both_succeed(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(300):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     env = {**os.environ, "DCGAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "dcgan", "data", "info", str(folder), "--resolution", "32"]
     for attempt in range(2):
-        procs = [subprocess.Popen(cmd + ["--preview", str(tmp_path / f"p{attempt}{i}.png")],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                cmd + ["--preview", str(tmp_path / f"p{attempt}{i}.png")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
         outs = [p.communicate(timeout=300) for p in procs]
         for p, (out, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, err[-1000:]
@@ -133,8 +140,16 @@ def test_a_same_size_same_mtime_replacement_changes_the_cache(tmp_path):
 
 def _tiny_snapshot(path: Path, **meta_changes) -> None:
     g = Generator(8, 8, 1, 32)
-    meta = {"nz": 8, "ngf": 8, "nc": 1, "resolution": 32, "g_dropout": 0.0, "kimg": 1.0,
-            "dataset": "fake", **meta_changes}
+    meta = {
+        "nz": 8,
+        "ngf": 8,
+        "nc": 1,
+        "resolution": 32,
+        "g_dropout": 0.0,
+        "kimg": 1.0,
+        "dataset": "fake",
+        **meta_changes,
+    }
     checkpoint.save_generator(g, meta, path)
 
 
@@ -144,8 +159,21 @@ def test_sample_replaces_an_output_symlink_instead_of_following_it(tmp_path, cap
     victim.write_bytes(b"precious")
     link = tmp_path / "out.png"
     link.symlink_to(victim)
-    assert main(["sample", str(tmp_path / "g.safetensors"), "--n", "4", "--out", str(link),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(tmp_path / "g.safetensors"),
+                "--n",
+                "4",
+                "--out",
+                str(link),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert victim.read_bytes() == b"precious"
     assert not link.is_symlink() and Image.open(link).size[0] > 0
     preview = tmp_path / "preview.png"
@@ -177,8 +205,9 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("content", [b'{"train": {"kimg": 1', b"\xff\xfe{}", b"[1, 2]", b"",
-                                     b'{"train": []}', b'"text"'])
+@pytest.mark.parametrize(
+    "content", [b'{"train": {"kimg": 1', b"\xff\xfe{}", b"[1, 2]", b"", b'{"train": []}', b'"text"']
+)
 def test_a_damaged_config_file_is_one_line(tmp_path, capsys, content):
     cfg = tmp_path / "config.json"
     cfg.write_bytes(content)
@@ -195,8 +224,11 @@ def test_a_damaged_stats_line_is_skipped_by_report(tmp_path, capsys, line):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"train": {"kimg": 1.0}}))
     (run / "stats.jsonl").write_text(
-        json.dumps({"kimg": 0.5, "loss_d": 1.0, "loss_g": 1.0, "d_real": 0.5,
-                    "d_fake": 0.5}) + "\n" + line + "\n")
+        json.dumps({"kimg": 0.5, "loss_d": 1.0, "loss_g": 1.0, "d_real": 0.5, "d_fake": 0.5})
+        + "\n"
+        + line
+        + "\n"
+    )
     assert main(["report", str(run)]) == 0, capsys.readouterr().err
     assert "Traceback" not in capsys.readouterr().err
 
@@ -209,38 +241,87 @@ def _limited(argv: list, tmp_path: Path) -> subprocess.CompletedProcess:
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
-    return subprocess.run([sys.executable, "-m", "dcgan", *map(str, argv)],
-                          capture_output=True, text=True, preexec_fn=cap, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",
-                               "DCGAN_CACHE": str(tmp_path / "cache")})
+    return subprocess.run(
+        [sys.executable, "-m", "dcgan", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        preexec_fn=cap,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_CACHE": str(tmp_path / "cache")},
+    )
 
 
 def test_absurd_sizes_are_one_line(tmp_path):
     _tiny_snapshot(tmp_path / "g.safetensors")
-    base = ["train", "--dataset", "fake", "--quiet", "--out", tmp_path / "run",
-            "--precision", "fp32", "--channels-last", "off", "--device", "cpu"]
-    for argv in (["sample", tmp_path / "g.safetensors", "--n", 100_000_000, "--out",
-                  tmp_path / "s.png", "--device", "cpu"],
-                 [*base, "--batch", 100_000_000], [*base, "--ngf", 100_000, "--force"]):
+    base = [
+        "train",
+        "--dataset",
+        "fake",
+        "--quiet",
+        "--out",
+        tmp_path / "run",
+        "--precision",
+        "fp32",
+        "--channels-last",
+        "off",
+        "--device",
+        "cpu",
+    ]
+    for argv in (
+        [
+            "sample",
+            tmp_path / "g.safetensors",
+            "--n",
+            100_000_000,
+            "--out",
+            tmp_path / "s.png",
+            "--device",
+            "cpu",
+        ],
+        [*base, "--batch", 100_000_000],
+        [*base, "--ngf", 100_000, "--force"],
+    ):
         proc = _limited(argv, tmp_path)
         assert proc.returncode == 2, (argv, proc.stderr[-1500:])
         assert proc.stderr.startswith("dcgan: error:") and proc.stderr.count("\n") == 1, (
-            argv, proc.stderr[-1500:])
+            argv,
+            proc.stderr[-1500:],
+        )
         assert "GB" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("value", ['"8"', "8.5", "true", "null", "-3", "[8]", '{"a": 8}'])
 def test_snapshot_metadata_of_the_wrong_type_is_one_line(tmp_path, capsys, value):
     _tiny_snapshot(tmp_path / "g.safetensors", nz=json.loads(value))
-    one_line_error(capsys, ["sample", tmp_path / "g.safetensors", "--n", 2, "--out",
-                            tmp_path / "s.png", "--device", "cpu"])
+    one_line_error(
+        capsys,
+        [
+            "sample",
+            tmp_path / "g.safetensors",
+            "--n",
+            2,
+            "--out",
+            tmp_path / "s.png",
+            "--device",
+            "cpu",
+        ],
+    )
 
 
 def test_truncation_nan_is_one_line(tmp_path, capsys):
     _tiny_snapshot(tmp_path / "g.safetensors")
     for bad in ("nan", "inf", "-1"):
-        one_line_error(capsys, ["sample", tmp_path / "g.safetensors", "--truncation", bad,
-                                "--out", tmp_path / "s.png"])
+        one_line_error(
+            capsys,
+            [
+                "sample",
+                tmp_path / "g.safetensors",
+                "--truncation",
+                bad,
+                "--out",
+                tmp_path / "s.png",
+            ],
+        )
 
 
 def test_resume_with_a_preset_is_one_line(tmp_path, capsys):
@@ -266,10 +347,23 @@ def test_a_full_disk_during_sample_names_the_file(tmp_path, capsys, monkeypatch)
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
 
-    proc = subprocess.run([sys.executable, "-m", "dcgan", "sample",
-                           str(tmp_path / "g.safetensors"), "--out", str(out), "--device",
-                           "cpu"], capture_output=True, text=True, preexec_fn=small_files,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcgan",
+            "sample",
+            str(tmp_path / "g.safetensors"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert str(out) in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 

@@ -119,23 +119,29 @@ def test_decoding_refuses_a_train_mode_generator(g):
         g.eval()
 
 
-@pytest.mark.parametrize("spec, want", [
-    ("3,10,22:5,9,40:1,2,8", ([3, 10, 22], [5, 9, 40], [1, 2, 8])),
-    (" 0 :63: 7,7 ", ([0], [63], [7, 7])),
-])
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("3,10,22:5,9,40:1,2,8", ([3, 10, 22], [5, 9, 40], [1, 2, 8])),
+        (" 0 :63: 7,7 ", ([0], [63], [7, 7])),
+    ],
+)
 def test_parse_arithmetic(spec, want):
     assert parse_arithmetic(spec, 64) == want
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("1,2:3,4", "three index lists"),
-    ("1:2:3:4", "three index lists"),
-    ("1,2::3", "set B is empty"),
-    ("1,x:2:3", "'x'"),
-    ("1,-2:2:3", "'-2'"),
-    ("1,,2:3:4", "''"),
-    ("1:2:64", "index 64 in set C is outside the grid of 64"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("1,2:3,4", "three index lists"),
+        ("1:2:3:4", "three index lists"),
+        ("1,2::3", "set B is empty"),
+        ("1,x:2:3", "'x'"),
+        ("1,-2:2:3", "'-2'"),
+        ("1,,2:3:4", "''"),
+        ("1:2:64", "index 64 in set C is outside the grid of 64"),
+    ],
+)
 def test_parse_arithmetic_errors(spec, message):
     with pytest.raises(UserError, match=message):
         parse_arithmetic(spec, 64)

@@ -11,16 +11,28 @@ PACKAGE = ROOT / "dcgan"
 # The layers, first to last, as docs/code.md lists them. A module imports only modules of
 # its own layer or of earlier ones.
 LAYERS = [
-    ("foundations", {"errors", "config", "machine", "pixels", "atomic", "dist", "content",
-                     "cache_key"}),
+    (
+        "foundations",
+        {"errors", "config", "machine", "pixels", "atomic", "dist", "content", "cache_key"},
+    ),
     ("data", {"sources", "data", "sampler"}),
     ("networks", {"models", "memory", "augment", "losses", "latent", "inception", "engine"}),
     ("step", {"training_stats", "step", "calibrate"}),
     ("run folder", {"runlog", "rundir", "checkpoint", "tblog"}),
     ("loop", {"train", "report", "launch"}),
     ("trained generators", {"generator", "canonical", "hub", "pngs"}),
-    ("evaluation", {"metrics", "metric_registry", "eval_table", "classifier", "features",
-                    "feature_cache", "evaluate"}),
+    (
+        "evaluation",
+        {
+            "metrics",
+            "metric_registry",
+            "eval_table",
+            "classifier",
+            "features",
+            "feature_cache",
+            "evaluate",
+        },
+    ),
     ("uses of a run", {"export", "transfer", "tune", "api"}),
     ("commands", {"cli", "__main__", "__init__", "bench", "gpu_check"}),
 ]
@@ -73,8 +85,10 @@ def test_data_flows_one_way():
             if there == here or (here, there) in EXCEPTIONS:
                 continue
             if layer_of(there) > layer_of(here):
-                wrong.append(f"{module} imports {dep} (layer {LAYERS[layer_of(there)][0]!r} "
-                             f"comes after {LAYERS[layer_of(here)][0]!r})")
+                wrong.append(
+                    f"{module} imports {dep} (layer {LAYERS[layer_of(there)][0]!r} "
+                    f"comes after {LAYERS[layer_of(here)][0]!r})"
+                )
     assert not wrong, "\n".join(sorted(wrong))
 
 
@@ -82,11 +96,15 @@ def test_the_layout_page_names_every_module_and_only_those():
     page = (ROOT / "docs" / "code.md").read_text()
     named = set(re.findall(r"`([a-z_]+(?:\.py|/))`", page))
     actual = {p.name for p in PACKAGE.glob("*.py")} | {
-        p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+        p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
     assert not (actual - named - {"__init__.py", "__main__.py"}), (
-        f"docs/code.md does not name {sorted(actual - named)}")
-    assert not (named - actual), f"docs/code.md names modules that do not exist: " \
-                                 f"{sorted(named - actual)}"
+        f"docs/code.md does not name {sorted(actual - named)}"
+    )
+    assert not (named - actual), (
+        f"docs/code.md names modules that do not exist: {sorted(named - actual)}"
+    )
     for _, names in LAYERS:  # and every layer's modules are in the page in the test's order
-        assert all(f"`{n}.py`" in page or f"`{n}/`" in page
-                   for n in names - {"__main__", "__init__"}), names
+        assert all(
+            f"`{n}.py`" in page or f"`{n}/`" in page for n in names - {"__main__", "__init__"}
+        ), names

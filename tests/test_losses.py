@@ -10,8 +10,9 @@ def test_losses_match_the_probability_formulas():
     lr, lf = torch.randn(16), torch.randn(16)
     dr, df = torch.sigmoid(lr).double(), torch.sigmoid(lf).double()
     expected_d = -(dr.log().mean() + (1 - df).log().mean())
-    assert math.isclose(d_loss(lr, lf, torch.ones(16), torch.zeros(16)).item(),
-                        expected_d.item(), rel_tol=1e-5)
+    assert math.isclose(
+        d_loss(lr, lf, torch.ones(16), torch.zeros(16)).item(), expected_d.item(), rel_tol=1e-5
+    )
     assert math.isclose(g_loss_nonsat(lf).item(), -df.log().mean().item(), rel_tol=1e-5)
     assert math.isclose(g_loss_minimax(lf).item(), (1 - df).log().mean().item(), rel_tol=1e-5)
 
@@ -33,6 +34,7 @@ def test_targets_smoothing_and_flipping():
 
 # -- hinge, least squares, Wasserstein: value and gradient against hand computations ---------
 
+
 def _value_and_grads(fn, *logits):
     xs = [x.clone().requires_grad_(True) for x in logits]
     v = fn(*xs)
@@ -46,7 +48,8 @@ def test_hinge_losses_value_and_gradient():
     lr = torch.tensor([2.0, 0.5, -1.0, 0.9])
     lf = torch.tensor([-2.0, -0.5, 1.0, 0.0])
     v, (gr, gf) = _value_and_grads(
-        lambda a, b: discriminator_loss("hinge", a, b, None, None), lr, lf)
+        lambda a, b: discriminator_loss("hinge", a, b, None, None), lr, lf
+    )
     # mean(max(0, 1 - lr)) + mean(max(0, 1 + lf)) = (0 + .5 + 2 + .1)/4 + (0 + .5 + 2 + 1)/4
     assert math.isclose(v, 2.6 / 4 + 3.5 / 4, rel_tol=1e-6)
     # d/dlr = -1/4 where lr < 1, else 0; d/dlf = 1/4 where lf > -1, else 0
@@ -61,8 +64,7 @@ def test_least_squares_losses_value_and_gradient():
 
     lr, lf = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, -1.0])
     tr, tf = torch.full((3,), 0.9), torch.zeros(3)  # smoothing moves LSGAN's target too
-    v, (gr, gf) = _value_and_grads(
-        lambda a, b: discriminator_loss("lsgan", a, b, tr, tf), lr, lf)
+    v, (gr, gf) = _value_and_grads(lambda a, b: discriminator_loss("lsgan", a, b, tr, tf), lr, lf)
     expected = 0.5 * ((0.1**2 + 0.9**2 + 1.1**2) / 3) + 0.5 * ((0 + 1 + 1) / 3)
     assert math.isclose(v, expected, rel_tol=1e-6)
     assert torch.allclose(gr, (lr - tr) / 3) and torch.allclose(gf, (lf - tf) / 3)
@@ -76,7 +78,8 @@ def test_wasserstein_losses_value_and_gradient():
 
     lr, lf = torch.tensor([3.0, 1.0]), torch.tensor([-1.0, 0.0])
     v, (gr, gf) = _value_and_grads(
-        lambda a, b: discriminator_loss("wgan-gp", a, b, None, None), lr, lf)
+        lambda a, b: discriminator_loss("wgan-gp", a, b, None, None), lr, lf
+    )
     assert math.isclose(v, -0.5 - 2.0) and torch.equal(gr, torch.full((2,), -0.5))
     assert torch.equal(gf, torch.full((2,), 0.5))
     v, (g,) = _value_and_grads(lambda b: generator_loss("wgan-gp", "nonsat", b), lf)

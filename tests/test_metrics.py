@@ -151,9 +151,11 @@ def test_kid_near_zero_for_one_distribution_and_positive_for_two():
 def test_kid_clips_subset_size_and_is_seeded():
     x, y = _features(30, 4, seed=14), _features(40, 4, seed=15, shift=1.0)
     assert kid_from_features(x, y, subset_size=1000, seed=3) == kid_from_features(
-        x, y, subset_size=30, seed=3)
+        x, y, subset_size=30, seed=3
+    )
     assert kid_from_features(x, y, subsets=5, subset_size=10, seed=1) != kid_from_features(
-        x, y, subsets=5, subset_size=10, seed=2)
+        x, y, subsets=5, subset_size=10, seed=2
+    )
 
 
 # -- precision / recall ---------------------------------------------------------------------
@@ -213,7 +215,8 @@ def test_inception_score_extremes_and_logits_vs_probs():
     z = np.random.default_rng(21).normal(size=(40, k)) * 3
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     assert inception_score(z, splits=4) == pytest.approx(
-        inception_score(p, splits=4, logits=False), rel=1e-9)
+        inception_score(p, splits=4, logits=False), rel=1e-9
+    )
 
 
 def test_inception_score_direct_formula():
@@ -262,7 +265,8 @@ def test_parzen_is_stable_far_from_every_kernel_and_batch_independent():
     rng = np.random.default_rng(24)
     s, t = rng.random((50, 6)), rng.random((30, 6))
     assert parzen_log_likelihood(s, t, 0.2, batch=1000)[0] == pytest.approx(
-        parzen_log_likelihood(s, t, 0.2, batch=3)[0], rel=1e-12)
+        parzen_log_likelihood(s, t, 0.2, batch=3)[0], rel=1e-12
+    )
 
 
 def test_parzen_select_sigma_picks_the_validation_best():
@@ -295,6 +299,7 @@ def test_cached_reference_key_covers_every_part(tmp_path):
         def compute():
             calls.append(key)
             return _features(50, 4, seed=len(calls)), None
+
         return compute
 
     base = StatsKey("fashion-mnist", "train", 32, 1, 50, "domain-x")
@@ -328,6 +333,7 @@ def test_cached_reference_stores_logits_and_recovers_from_damage(tmp_path):
         assert set(z.files) == {"key", "features", "mu", "sigma", "logits"}
     path.write_bytes(b"not a zip file")
     calls = []
-    again = cached_reference(key, lambda: calls.append(1) or (_features(20, 3, seed=1), None),
-                             tmp_path)
+    again = cached_reference(
+        key, lambda: calls.append(1) or (_features(20, 3, seed=1), None), tmp_path
+    )
     assert calls == [1] and again.features.shape == (20, 3)

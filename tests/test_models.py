@@ -48,8 +48,9 @@ def test_one_block_per_doubling():
         block_widths(64, 48)
 
 
-@pytest.mark.parametrize("resolution,g_params,d_params", [(32, 1_068_928, 663_296),
-                                                         (128, 7_772_032, 6_960_896)])
+@pytest.mark.parametrize(
+    "resolution,g_params,d_params", [(32, 1_068_928, 663_296), (128, 7_772_032, 6_960_896)]
+)
 def test_parameter_counts_other_resolutions(resolution, g_params, d_params):
     # computed from the layer shapes: e.g. at 32px G = 100*256*16 + 256*128*16 + 128*64*16
     # + 64*3*16 + 2*(256+128+64)

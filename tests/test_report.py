@@ -24,10 +24,23 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 def _run(out: Path, **overrides) -> Path:
     """A short real run on Fashion-MNIST: 4 ticks, FID (domain features) every 2 ticks."""
-    cfg = from_preset("fmnist32", {"ngf": 8, "ndf": 8, "nz": 16, "batch": 16, "kimg": 0.256,
-                                   "tick_kimg": 0.064, "checkpoint_ticks": 2,
-                                   "eval_every": 0.128, "eval_n": 64, "precision": "fp32",
-                                   "channels_last": "on", **overrides})
+    cfg = from_preset(
+        "fmnist32",
+        {
+            "ngf": 8,
+            "ndf": 8,
+            "nz": 16,
+            "batch": 16,
+            "kimg": 0.256,
+            "tick_kimg": 0.064,
+            "checkpoint_ticks": 2,
+            "eval_every": 0.128,
+            "eval_n": 64,
+            "precision": "fp32",
+            "channels_last": "on",
+            **overrides,
+        },
+    )
     RunDir(out).begin(force=False)
     training_loop(cfg, out, progress=False)
     return out
@@ -47,8 +60,17 @@ def test_training_writes_a_report_with_every_part(real_run):
     assert page.count(', "data:image/png;base64,') == 4  # every tick's grid, inlined
     # Plotly's JavaScript is inside the page (the browser test checks that nothing is fetched)
     assert page.index("<script>") < page.index("Plotly") and len(page) > 1_000_000
-    for part in ("Losses", "D's outputs", "FID", "Speed", "Peak memory", "Machine",
-                 "Config (resolved)", "Events", "best FID"):
+    for part in (
+        "Losses",
+        "D's outputs",
+        "FID",
+        "Speed",
+        "Peak memory",
+        "Machine",
+        "Config (resolved)",
+        "Events",
+        "best FID",
+    ):
         assert part in page, part
     assert json.loads((real_run / "machine.json").read_text())["cpu"]["model"]
 
@@ -62,16 +84,27 @@ def test_the_report_in_a_real_browser(real_run, tmp_path):
     with sync_playwright() as p:
         # an empty profile of its own (Playwright passes it as --user-data-dir)
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
             viewport={"width": 1100, "height": 1400},
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+            ],
+        )
         page = browser.new_page()
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         fetched: list[str] = []  # anything but the file itself and inline data is a network use
-        page.on("request", lambda r: fetched.append(r.url)
-                if not r.url.startswith(("file:", "data:", "blob:")) else None)
+        page.on(
+            "request",
+            lambda r: (
+                fetched.append(r.url) if not r.url.startswith(("file:", "data:", "blob:")) else None
+            ),
+        )
         page.goto(RunDir(real_run).report.as_uri())
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 5")
         first_src = page.get_attribute("#run-img", "src")
@@ -106,7 +139,8 @@ def test_tensorboard_logs_read_back(tmp_path):
         assert [e.step for e in events] == [64, 128, 192, 256], key
     rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
     assert [e.value for e in acc.Scalars("train/loss_d")] == pytest.approx(
-        [r["loss_d"] for r in rows], rel=1e-6)
+        [r["loss_d"] for r in rows], rel=1e-6
+    )
     assert len(acc.Images("samples/fixed_noise")) == 4
     assert "config/text_summary" in tags["tensors"]
 

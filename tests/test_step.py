@@ -10,8 +10,18 @@ from dcgan import training_stats
 from dcgan.config import from_preset
 from dcgan.step import build_gan
 
-TINY = {"dataset": "fake", "resolution": 32, "channels": 1, "ngf": 8, "ndf": 8, "nz": 16,
-        "batch": 8, "precision": "fp32", "channels_last": "off", "r1_gamma": 0.0}
+TINY = {
+    "dataset": "fake",
+    "resolution": 32,
+    "channels": 1,
+    "ngf": 8,
+    "ndf": 8,
+    "nz": 16,
+    "batch": 8,
+    "precision": "fp32",
+    "channels_last": "off",
+    "r1_gamma": 0.0,
+}
 
 
 def _gan(engine: str, ema_kimg: float = 0.016):

@@ -11,9 +11,19 @@ from dcgan import checkpoint, rundir
 from dcgan.config import from_preset
 from dcgan.train import ema_beta, instance_noise_std, training_loop
 
-TINY = {"dataset": "fake", "resolution": 32, "channels": 1, "ngf": 8, "ndf": 8, "nz": 16,
-        "batch": 16, "tick_kimg": 0.032, "checkpoint_ticks": 1, "precision": "fp32",
-        "channels_last": "on"}
+TINY = {
+    "dataset": "fake",
+    "resolution": 32,
+    "channels": 1,
+    "ngf": 8,
+    "ndf": 8,
+    "nz": 16,
+    "batch": 16,
+    "tick_kimg": 0.032,
+    "checkpoint_ticks": 1,
+    "precision": "fp32",
+    "channels_last": "on",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -34,13 +44,23 @@ def test_smoke_run_writes_every_artefact(tmp_path):
     assert last["kimg"] == 0.064 and not last["stopped"]
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [r["kimg"] for r in rows] == [0.032, 0.064]
-    for key in ("kimg", "loss_d", "loss_g", "d_real", "d_fake", "img_per_s", "sec_per_kimg",
-                "peak_mem_mb"):
+    for key in (
+        "kimg",
+        "loss_d",
+        "loss_g",
+        "d_real",
+        "d_fake",
+        "img_per_s",
+        "sec_per_kimg",
+        "peak_mem_mb",
+    ):
         assert all(key in r for r in rows), key
     assert all(0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 and r["img_per_s"] > 0 for r in rows)
     # one grid per tick, even with ticks of 32 images (named by image count, not kimg)
     assert sorted(p.name for p in (out / "samples").glob("fakes*.png")) == [
-        "fakes000000032.png", "fakes000000064.png"]
+        "fakes000000032.png",
+        "fakes000000064.png",
+    ]
     assert (out / "losses.png").stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["train"]["kimg"] == 0.064
     # the full state loads without running code; the snapshot is safetensors
@@ -73,16 +93,30 @@ def test_auto_settings_are_resolved_recorded_and_printed(tmp_path, capsys):
     assert again["how"] == "cached" and again["precision"] == first["precision"]
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"d_steps": 2, "label_flip": 0.1, "flip": True, "d_opt": "sgd", "g_dropout": 0.2},
-    {"precision": "fp16"},
-    # the image-quality options: their RNG draws (interpolation weights, augmentations),
-    # the power iterations of spectral norm and the lazy R1 schedule must all resume
-    {"loss": "wgan-gp", "d_steps": 2, "diffaug": "color,translation,cutout",
-     "d_spectral_norm": True},
-    {"loss": "hinge", "r1_gamma": 1.0, "r1_every": 3, "precision": "fp16"},
-    {"loss": "lsgan", "r1_gamma": 0.5, "r1_every": 2, "precision": "bf16",
-     "diffaug": "translation"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"d_steps": 2, "label_flip": 0.1, "flip": True, "d_opt": "sgd", "g_dropout": 0.2},
+        {"precision": "fp16"},
+        # the image-quality options: their RNG draws (interpolation weights, augmentations),
+        # the power iterations of spectral norm and the lazy R1 schedule must all resume
+        {
+            "loss": "wgan-gp",
+            "d_steps": 2,
+            "diffaug": "color,translation,cutout",
+            "d_spectral_norm": True,
+        },
+        {"loss": "hinge", "r1_gamma": 1.0, "r1_every": 3, "precision": "fp16"},
+        {
+            "loss": "lsgan",
+            "r1_gamma": 0.5,
+            "r1_every": 2,
+            "precision": "bf16",
+            "diffaug": "translation",
+        },
+    ],
+)
 def test_resume_is_exact(tmp_path, options):
     # 2N steps straight == N steps, resume, N steps: identical weights and optimiser state
     straight = tmp_path / "straight"
@@ -173,8 +207,9 @@ def test_scratch_engine_run(tmp_path):
     # without EMA the snapshot is the engine G itself, loaded into the torch model
     for k, v in state["G"].items():
         assert torch.allclose(v, g.state_dict()[k], atol=1e-7), k
-    resumed = from_preset("fmnist32", {**TINY, "engine": "scratch", "ema_kimg": 0.0,
-                                       "r1_gamma": 0.0, "kimg": 0.064})
+    resumed = from_preset(
+        "fmnist32", {**TINY, "engine": "scratch", "ema_kimg": 0.0, "r1_gamma": 0.0, "kimg": 0.064}
+    )
     training_loop(resumed, out, resume=state, progress=False)
     assert checkpoint.load_state(out / rundir.CHECKPOINT)["nimg"] == 64
 
@@ -191,7 +226,7 @@ def _poison_after(monkeypatch, calls, what: str = "weights"):
     def call(self, batches, noise_std):
         real_call(self, batches, noise_std)
         count["n"] += 1
-        if (calls(count["n"]) if callable(calls) else count["n"] in calls):
+        if calls(count["n"]) if callable(calls) else count["n"] in calls:
             if what == "weights":
                 with torch.no_grad():
                     next(self.G_train.parameters()).fill_(float("nan"))
@@ -226,7 +261,9 @@ def test_two_rollbacks_with_the_default_checkpoint_interval(tmp_path, monkeypatc
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     rollbacks = [e for e in events if e["event"] == "rollback"]
     assert [(e["at_kimg"], e["to_kimg"], e["lr_factor"]) for e in rollbacks] == [
-        (0.224, 0.16, 0.5), (0.384, 0.32, 0.25)]
+        (0.224, 0.16, 0.5),
+        (0.384, 0.32, 0.25),
+    ]
     state = checkpoint.load_state(out / rundir.CHECKPOINT)
     base = from_preset("fmnist32").train
     assert state["opt_g"]["param_groups"][0]["lr"] == base.g_lr * 0.25  # exact, not compounded
@@ -266,8 +303,17 @@ def test_compiled_step_does_not_recompile_after_warm_up():
     torch._dynamo.reset()
     # with both gradient penalties, which run through the raw D (no double backward
     # through compiled graphs): they must not make the compiled D recompile either
-    cfg = from_preset("fmnist32", {**TINY, "compile": True, "channels_last": True,
-                                   "loss": "wgan-gp", "r1_gamma": 1.0, "r1_every": 2})
+    cfg = from_preset(
+        "fmnist32",
+        {
+            **TINY,
+            "compile": True,
+            "channels_last": True,
+            "loss": "wgan-gp",
+            "r1_gamma": 1.0,
+            "r1_every": 2,
+        },
+    )
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8).numpy()
     batches = Batches(images, cfg.train.batch, torch.device("cpu"), flip=True, seed=0)

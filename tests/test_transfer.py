@@ -31,12 +31,15 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DCGAN_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("resolution, nc, ndf, want", [
-    (32, 1, 8, (8 + 16 + 32) * 16),
-    (32, 3, 64, (64 + 128 + 256) * 16),
-    (64, 3, 64, 15360),  # (64 + 128 + 256 + 512) * 16, the paper's 64px D
-    (128, 1, 16, (16 + 32 + 64 + 128 + 128) * 16),  # widths capped at 8 * ndf
-])
+@pytest.mark.parametrize(
+    "resolution, nc, ndf, want",
+    [
+        (32, 1, 8, (8 + 16 + 32) * 16),
+        (32, 3, 64, (64 + 128 + 256) * 16),
+        (64, 3, 64, 15360),  # (64 + 128 + 256 + 512) * 16, the paper's 64px D
+        (128, 1, 16, (16 + 32 + 64 + 128 + 128) * 16),  # widths capped at 8 * ndf
+    ],
+)
 def test_feature_shapes(resolution, nc, ndf, want):
     d = Discriminator(ndf, nc, resolution).eval()
     with torch.no_grad():
@@ -86,7 +89,7 @@ def write_idx(path, array: np.ndarray) -> None:
 def read_idx(path) -> np.ndarray:
     raw = gzip.decompress(open(path, "rb").read())
     ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -97,10 +100,14 @@ def fmnist_subset(tmp_path):
     folder = tmp_path / "fmnist-small"
     folder.mkdir()
     for prefix, n in (("train", 400), ("t10k", 300)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz",
-                  read_idx(f"{FMNIST}/{prefix}-images-idx3-ubyte.gz")[:n])
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz",
-                  read_idx(f"{FMNIST}/{prefix}-labels-idx1-ubyte.gz")[:n])
+        write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz",
+            read_idx(f"{FMNIST}/{prefix}-images-idx3-ubyte.gz")[:n],
+        )
+        write_idx(
+            folder / f"{prefix}-labels-idx1-ubyte.gz",
+            read_idx(f"{FMNIST}/{prefix}-labels-idx1-ubyte.gz")[:n],
+        )
     return folder
 
 
@@ -109,14 +116,32 @@ def tiny_run(folder, dataset: str):
     built after seeding with train.seed (the transfer code only reads D and the config)."""
     from dcgan.models import build_discriminator, build_generator
 
-    cfg = from_preset("fmnist32", {"dataset": dataset, "resolution": 32, "channels": 1,
-                                   "ngf": 8, "ndf": 8, "nz": 16, "seed": 3})
+    cfg = from_preset(
+        "fmnist32",
+        {
+            "dataset": dataset,
+            "resolution": 32,
+            "channels": 1,
+            "ngf": 8,
+            "ndf": 8,
+            "nz": 16,
+            "seed": 3,
+        },
+    )
     torch.manual_seed(cfg.train.seed)
     g = build_generator(cfg.model, 1, 32)
     d = build_discriminator(cfg.model, 1, 32)
     folder.mkdir()
-    checkpoint.save_state({"G": g.state_dict(), "D": d.state_dict(), "G_ema": g.state_dict(),
-                           "config": cfg.to_dict(), "nimg": 0}, folder / rundir.CHECKPOINT)
+    checkpoint.save_state(
+        {
+            "G": g.state_dict(),
+            "D": d.state_dict(),
+            "G_ema": g.state_dict(),
+            "config": cfg.to_dict(),
+            "nimg": 0,
+        },
+        folder / rundir.CHECKPOINT,
+    )
     return folder
 
 
@@ -173,9 +198,22 @@ def test_untrained_d_baseline_is_d_before_its_first_step(tmp_path, monkeypatch):
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(AutogradStep, "__call__", spy)
-    cfg = from_preset("fmnist32", {"dataset": "fake", "channels": 1, "ngf": 8, "ndf": 8,
-                                   "nz": 16, "batch": 16, "kimg": 0.032, "tick_kimg": 0.016,
-                                   "precision": "fp32", "channels_last": "on", "seed": 5})
+    cfg = from_preset(
+        "fmnist32",
+        {
+            "dataset": "fake",
+            "channels": 1,
+            "ngf": 8,
+            "ndf": 8,
+            "nz": 16,
+            "batch": 16,
+            "kimg": 0.032,
+            "tick_kimg": 0.016,
+            "precision": "fp32",
+            "channels_last": "on",
+            "seed": 5,
+        },
+    )
     out = tmp_path / "run"
     rundir.RunDir(out).begin(force=False)
     train_module.training_loop(cfg, out, progress=False)

@@ -22,9 +22,29 @@ from dcgan.tune import SPACE, load_space, parse_fix
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # tiny trials: a few seconds each; the domain classifier is the session cache's
-TINY = ["--fix", "ngf=8", "--fix", "ndf=8", "--fix", "nz=16", "--fix", "batch=16",
-        "--fix", "tick_kimg=0.064", "--fix", "checkpoint_ticks=1", "--fix", "report=off",
-        "--kimg", "0.192", "--eval-every", "0.064", "--eval-n", "64", "--quiet"]
+TINY = [
+    "--fix",
+    "ngf=8",
+    "--fix",
+    "ndf=8",
+    "--fix",
+    "nz=16",
+    "--fix",
+    "batch=16",
+    "--fix",
+    "tick_kimg=0.064",
+    "--fix",
+    "checkpoint_ticks=1",
+    "--fix",
+    "report=off",
+    "--kimg",
+    "0.192",
+    "--eval-every",
+    "0.064",
+    "--eval-n",
+    "64",
+    "--quiet",
+]
 
 
 def _space_file(tmp_path: Path, space: dict) -> str:
@@ -36,20 +56,23 @@ def _space_file(tmp_path: Path, space: dict) -> str:
 def test_space_names_ranges_and_fixes_are_checked_by_the_config(tmp_path):
     base = from_preset("fmnist32")
     assert {p.name for p in load_space(None, {}, base)} == {p.name for p in SPACE}
-    narrowed = load_space(_space_file(tmp_path, {"d_lr": {"low": 1e-4, "high": 3e-4,
-                                                           "log": True}}), {"loss": "hinge"}, base)
+    narrowed = load_space(
+        _space_file(tmp_path, {"d_lr": {"low": 1e-4, "high": 3e-4, "log": True}}),
+        {"loss": "hinge"},
+        base,
+    )
     names = [p.name for p in narrowed]
     assert "loss" not in names and next(p for p in narrowed if p.name == "d_lr").high == 3e-4
-    only = load_space(_space_file(tmp_path, {"only": True, "beta1": {"low": 0, "high": 0.5}}),
-                      {}, base)
+    only = load_space(
+        _space_file(tmp_path, {"only": True, "beta1": {"low": 0, "high": 0.5}}), {}, base
+    )
     assert [p.name for p in only] == ["beta1"]
     with pytest.raises(UserError, match="unknown key 'd_learning_rate'"):
         load_space(_space_file(tmp_path, {"d_learning_rate": {"low": 1, "high": 2}}), {}, base)
     with pytest.raises(UserError, match="label_smoothing must be in"):
         load_space(_space_file(tmp_path, {"label_smoothing": {"low": 0, "high": 0.7}}), {}, base)
     with pytest.raises(UserError, match="loss must be one of"):
-        load_space(_space_file(tmp_path, {"loss": {"choices": ["bce", "wasserstein"]}}), {},
-                   base)
+        load_space(_space_file(tmp_path, {"loss": {"choices": ["bce", "wasserstein"]}}), {}, base)
     with pytest.raises(UserError, match="set by dcgan tune itself"):
         load_space(_space_file(tmp_path, {"kimg": {"low": 1, "high": 2}}), {}, base)
     with pytest.raises(UserError, match="expected key=value"):
@@ -59,15 +82,27 @@ def test_space_names_ranges_and_fixes_are_checked_by_the_config(tmp_path):
 
 
 def _dcgan(*args, env=None, cwd=None, **kw):
-    return subprocess.run([sys.executable, "-m", "dcgan", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=600,
-                          **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "dcgan", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+        **kw,
+    )
 
 
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing")
 def test_a_sqlite_study_end_to_end(tmp_path):
-    space = _space_file(tmp_path, {"only": True, "d_lr": {"low": 1e-4, "high": 1e-3, "log": True},
-                                   "loss": {"choices": ["bce", "hinge"]}})
+    space = _space_file(
+        tmp_path,
+        {
+            "only": True,
+            "d_lr": {"low": 1e-4, "high": 1e-3, "log": True},
+            "loss": {"choices": ["bce", "hinge"]},
+        },
+    )
     out = tmp_path / "study"
     r = _dcgan("tune", "--trials", "3", "--out", out, "--space", space, "--seed", "1", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -84,10 +119,20 @@ def test_a_sqlite_study_end_to_end(tmp_path):
     assert (out / "tune-history.png").stat().st_size > 1000
     # the summary again, from the folder alone; and best.json trains as it is
     again = _dcgan("tune", "--summary", out)
-    assert again.returncode == 0 and again.stdout.count(" complete ") + again.stdout.count(
-        " pruned ") == 3, again.stdout
-    run = _dcgan("train", "--config", out / "best.json", "--kimg", "0.064", "--out",
-                 tmp_path / "best-run", "--quiet")
+    assert (
+        again.returncode == 0
+        and again.stdout.count(" complete ") + again.stdout.count(" pruned ") == 3
+    ), again.stdout
+    run = _dcgan(
+        "train",
+        "--config",
+        out / "best.json",
+        "--kimg",
+        "0.064",
+        "--out",
+        tmp_path / "best-run",
+        "--quiet",
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     # a second study on the same folder with other settings is refused in one line
     other = _dcgan("tune", "--trials", "3", "--out", out, "--eval-features", "inception", *TINY)
@@ -119,16 +164,37 @@ def postgres():
         shutil.chown(root, "postgres", "postgres")
         as_pg = ["runuser", "-u", "postgres", "--"]
     data, port = root / "data", _free_port()
-    subprocess.run([*as_pg, str(bin_dir / "initdb"), "-D", str(data), "--auth=trust",
-                    "-U", "postgres"], check=True, capture_output=True, timeout=120)
-    subprocess.run([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l",
-                    str(root / "log"), "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
-                    "start"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*as_pg, str(bin_dir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [
+            *as_pg,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "log"),
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True, timeout=120)
+        subprocess.run(
+            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -148,10 +214,29 @@ def _trial_of(out: Path, worker_pid: int) -> Path | None:
 def _worker(out: Path, url: str, trials: int) -> subprocess.Popen:
     space = out.parent / "space.json"
     return subprocess.Popen(
-        [sys.executable, "-m", "dcgan", "tune", "--trials", str(trials), "--out", str(out),
-         "--storage", url, "--space", str(space), "--heartbeat", "1", *TINY],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "dcgan",
+            "tune",
+            "--trials",
+            str(trials),
+            "--out",
+            str(out),
+            "--storage",
+            url,
+            "--space",
+            str(space),
+            "--heartbeat",
+            "1",
+            *TINY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing")
@@ -161,8 +246,9 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_trial_resumes(tmp_pat
     from optuna.trial import TrialState
 
     out = tmp_path / "study"
-    (tmp_path / "space.json").write_text(json.dumps(
-        {"only": True, "d_lr": {"low": 1e-4, "high": 1e-3, "log": True}}))
+    (tmp_path / "space.json").write_text(
+        json.dumps({"only": True, "d_lr": {"low": 1e-4, "high": 1e-3, "log": True}})
+    )
     victim, other = _worker(out, postgres, 4), _worker(out, postgres, 4)
     # kill the first worker (and its training subprocess) once its own trial has a checkpoint
     t0 = time.monotonic()
@@ -186,13 +272,15 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_trial_resumes(tmp_pat
     trials = study.get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))  # no trial duplicated
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-               for t in trials)  # every trial finished, pruned or failed: none lost
+    assert all(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials
+    )  # every trial finished, pruned or failed: none lost
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) >= 5
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
-               is not None]
+    retries = [
+        t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None
+    ]
     assert failed and retries, [(t.number, t.state) for t in trials]
     retry = retries[0]
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -211,8 +299,21 @@ def test_tune_takes_dataset_and_resolution_like_train(tmp_path):
     from dcgan.cli import build_parser
     from dcgan.tune import base_config
 
-    args = build_parser().parse_args(["tune", "--preset", "fmnist32", "--dataset", "emoji",
-                                      "--resolution", "64", "--fix", "ngf=16", "--out", "x"])
+    args = build_parser().parse_args(
+        [
+            "tune",
+            "--preset",
+            "fmnist32",
+            "--dataset",
+            "emoji",
+            "--resolution",
+            "64",
+            "--fix",
+            "ngf=16",
+            "--out",
+            "x",
+        ]
+    )
     fixed, base = base_config(args.preset, args.fix, args.dataset, args.resolution)
     assert fixed == {"ngf": "16", "dataset": "emoji", "resolution": "64"}
     assert base.data.dataset == "emoji" and base.data.resolution == 64 and base.model.ngf == 16

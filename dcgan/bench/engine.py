@@ -26,15 +26,21 @@ from dcgan.engine.reference import TorchGAN
 IMPLS = ("engine-native", "engine-unfold", "torch")
 
 
-def make_gan(impl: str, resolution: int, nc: int, device: str, seed: int = 0,
-             dtype: torch.dtype = torch.float32, width: int = 64,
-             nz: int = 100) -> ScratchGAN | TorchGAN:
+def make_gan(
+    impl: str,
+    resolution: int,
+    nc: int,
+    device: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    width: int = 64,
+    nz: int = 100,
+) -> ScratchGAN | TorchGAN:
     """Both implementations start from the same (engine-drawn) weights."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     torch.manual_seed(seed)
-    kw = dict(nz=nz, ngf=width, ndf=width, nc=nc, resolution=resolution, device=device,
-              dtype=dtype)
+    kw = dict(nz=nz, ngf=width, ndf=width, nc=nc, resolution=resolution, device=device, dtype=dtype)
     kernel = "unfold" if impl == "engine-unfold" else "native"
     engine_gan = ScratchGAN(**kw, kernel=kernel)
     if impl == "torch":
@@ -49,9 +55,17 @@ def _inputs(batch: int, resolution: int, nc: int, nz: int, device: str):
     return x, z
 
 
-def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolution: int = 32,
-                        nc: int = 3, device: str = "cpu", steps: int = 10, warmup: int = 1,
-                        clock: str = "wall", width: int = 64) -> dict[str, list[float]]:
+def compare_dcgan_steps(
+    impls: tuple[str, ...] = IMPLS,
+    batch: int = 64,
+    resolution: int = 32,
+    nc: int = 3,
+    device: str = "cpu",
+    steps: int = 10,
+    warmup: int = 1,
+    clock: str = "wall",
+    width: int = 64,
+) -> dict[str, list[float]]:
     """Seconds of every timed step of each implementation, one step each in turn."""
     gans = {impl: make_gan(impl, resolution, nc, device, width=width) for impl in impls}
     x, z = _inputs(batch, resolution, nc, 100, device)
@@ -64,17 +78,27 @@ def compare_dcgan_steps(impls: tuple[str, ...] = IMPLS, batch: int = 64, resolut
     return {impl: [sec for _, sec in w] for impl, w in windows.items()}
 
 
-def step_rows(resolutions: list[int], batches: list[int], steps: int, warmup: int,
-              device: str) -> list[dict[str, Any]]:
+def step_rows(
+    resolutions: list[int], batches: list[int], steps: int, warmup: int, device: str
+) -> list[dict[str, Any]]:
     """One row per (implementation, resolution, batch): median seconds per step."""
     rows = []
     for r in resolutions:
         for b in batches:
             times = compare_dcgan_steps(IMPLS, b, r, 3, device, steps, warmup)
             secs = {impl: statistics.median(t) for impl, t in times.items()}
-            rows += [{"name": impl, "device": device, "batch": b, "resolution": r,
-                      "sec_per_step": sec, "img_per_s": b / sec,
-                      "x_torch": sec / secs["torch"]} for impl, sec in secs.items()]
+            rows += [
+                {
+                    "name": impl,
+                    "device": device,
+                    "batch": b,
+                    "resolution": r,
+                    "sec_per_step": sec,
+                    "img_per_s": b / sec,
+                    "x_torch": sec / secs["torch"],
+                }
+                for impl, sec in secs.items()
+            ]
     return rows
 
 
@@ -92,23 +116,39 @@ def denoiser_rows(epochs: int, device: str) -> list[dict[str, Any]]:
         for impl in ("engine", "torch"):
             sec = statistics.median(res[impl]["sec_per_epoch"])
             name = f"engine-{kernel}" if impl == "engine" else "torch"
-            rows.append({"name": f"denoiser/{name}", "device": device, "kernel_run": kernel,
-                         "epochs": epochs, "sec_per_epoch": sec, "x_torch": sec / torch_sec,
-                         "val_psnr": res[impl]["psnr"][-1]})
+            rows.append(
+                {
+                    "name": f"denoiser/{name}",
+                    "device": device,
+                    "kernel_run": kernel,
+                    "epochs": epochs,
+                    "sec_per_epoch": sec,
+                    "x_torch": sec / torch_sec,
+                    "val_psnr": res[impl]["psnr"][-1],
+                }
+            )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     steps = [r for r in rows if "sec_per_step" in r]
     lines = [f"{'impl':<14} {'batch':>5} {'res':>4} {'s/step':>8} {'img/s':>8} {'x torch':>8}"]
-    lines += [f"{r['name']:<14} {r['batch']:>5} {r['resolution']:>4} {r['sec_per_step']:>8.4f} "
-              f"{r['img_per_s']:>8.1f} {r['x_torch']:>8.2f}" for r in steps]
+    lines += [
+        f"{r['name']:<14} {r['batch']:>5} {r['resolution']:>4} {r['sec_per_step']:>8.4f} "
+        f"{r['img_per_s']:>8.1f} {r['x_torch']:>8.2f}"
+        for r in steps
+    ]
     denoise = [r for r in rows if "sec_per_epoch" in r]
     if denoise:
-        lines += ["", f"{'denoiser':<14} {'kernel':>7} {'s/epoch':>8} {'x torch':>8} "
-                      f"{'val PSNR':>9}"]
-        lines += [f"{r['name'].split('/')[1]:<14} {r['kernel_run']:>7} {r['sec_per_epoch']:>8.2f} "
-                  f"{r['x_torch']:>8.2f} {r['val_psnr']:>9.2f}" for r in denoise]
+        lines += [
+            "",
+            f"{'denoiser':<14} {'kernel':>7} {'s/epoch':>8} {'x torch':>8} {'val PSNR':>9}",
+        ]
+        lines += [
+            f"{r['name'].split('/')[1]:<14} {r['kernel_run']:>7} {r['sec_per_epoch']:>8.2f} "
+            f"{r['x_torch']:>8.2f} {r['val_psnr']:>9.2f}"
+            for r in denoise
+        ]
     return "\n".join(lines)
 
 
@@ -124,17 +164,24 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"float32, {args.clock} clock, median of {args.steps} interleaved steps", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"float32, {args.clock} clock, median of {args.steps} interleaved steps",
+        flush=True,
+    )
     for r in args.resolutions:
-        res = compare_dcgan_steps(IMPLS, args.batch, r, args.nc, args.device, args.steps,
-                                  clock=args.clock)
+        res = compare_dcgan_steps(
+            IMPLS, args.batch, r, args.nc, args.device, args.steps, clock=args.clock
+        )
         med = {impl: statistics.median(t) for impl, t in res.items()}
         low = {impl: min(t) for impl, t in res.items()}
         for impl in res:
-            print(f"{r:4d}x{r:<4d} {impl:14s} median {med[impl] * 1e3:9.1f} ms/step "
-                  f"({med[impl] / med['torch']:5.2f}x torch)   min {low[impl] * 1e3:9.1f} "
-                  f"ms/step ({low[impl] / low['torch']:5.2f}x torch)", flush=True)
+            print(
+                f"{r:4d}x{r:<4d} {impl:14s} median {med[impl] * 1e3:9.1f} ms/step "
+                f"({med[impl] / med['torch']:5.2f}x torch)   min {low[impl] * 1e3:9.1f} "
+                f"ms/step ({low[impl] / low['torch']:5.2f}x torch)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

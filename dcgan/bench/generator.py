@@ -34,16 +34,28 @@ def canonical_generator() -> tuple[Generator, dict[str, Any]]:
         torch.manual_seed(0)
         g = Generator(100, 64, 3, 64)
         g.apply(init_weights)
-    meta = {"nz": 100, "ngf": 64, "nc": 3, "resolution": 64, "g_dropout": 0.0,
-            "dataset": "none (canonical G, untrained)", "kimg": 0.0}
+    meta = {
+        "nz": 100,
+        "ngf": 64,
+        "nc": 3,
+        "resolution": 64,
+        "g_dropout": 0.0,
+        "dataset": "none (canonical G, untrained)",
+        "kimg": 0.0,
+    }
     return g.eval(), meta
 
 
-def time_generator(run_or_none: str | None = None,
-                   variants: tuple[str, ...] = VARIANTS,
-                   batches: tuple[int, ...] = (1, 256), device: str = "cpu",
-                   warmup: int = 3, windows: int = 5, min_window_s: float = 0.25,
-                   progress: bool = True) -> list[dict[str, Any]]:
+def time_generator(
+    run_or_none: str | None = None,
+    variants: tuple[str, ...] = VARIANTS,
+    batches: tuple[int, ...] = (1, 256),
+    device: str = "cpu",
+    warmup: int = 3,
+    windows: int = 5,
+    min_window_s: float = 0.25,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Inference images/s of G per (variant, batch): eager, torch.compile, TorchScript
     and ONNX Runtime (the last two are the files `export_generator` writes, BN folded).
 
@@ -57,8 +69,9 @@ def time_generator(run_or_none: str | None = None,
     """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
-        raise UserError(f"unknown generator variant(s) {sorted(unknown)}: choose from "
-                        f"{', '.join(VARIANTS)}")
+        raise UserError(
+            f"unknown generator variant(s) {sorted(unknown)}: choose from {', '.join(VARIANTS)}"
+        )
     if any(b < 1 for b in batches):
         raise UserError(f"batch sizes must be >= 1, got {list(batches)}")
     dev = torch.device(device)
@@ -68,26 +81,49 @@ def time_generator(run_or_none: str | None = None,
         built = {v: _variant(v, g, meta, dev, Path(tmp)) for v in variants}  # (fn, note)
         for b in batches:
             z = torch.randn(b, meta["nz"], 1, 1, generator=torch.Generator().manual_seed(b))
-            timed = _time_in_turns({v: fn for v, (fn, _) in built.items() if fn is not None},
-                                   z.to(dev), warmup, windows, min_window_s, dev)
+            timed = _time_in_turns(
+                {v: fn for v, (fn, _) in built.items() if fn is not None},
+                z.to(dev),
+                warmup,
+                windows,
+                min_window_s,
+                dev,
+            )
             for variant, (_, note) in built.items():
                 first, rate = timed.get(variant, (None, None))
                 rows[variant, b] = {
-                    "variant": variant, "batch": b, "images_per_s": rate,
+                    "variant": variant,
+                    "batch": b,
+                    "images_per_s": rate,
                     "ms_per_batch": None if rate is None else 1000 * b / rate,
-                    "first_call_s": first, "device": str(dev),
-                    "resolution": meta["resolution"], "nz": meta["nz"], "ngf": meta["ngf"],
-                    "nc": meta["nc"], "threads": torch.get_num_threads(), "note": note}
+                    "first_call_s": first,
+                    "device": str(dev),
+                    "resolution": meta["resolution"],
+                    "nz": meta["nz"],
+                    "ngf": meta["ngf"],
+                    "nc": meta["nc"],
+                    "threads": torch.get_num_threads(),
+                    "note": note,
+                }
                 if progress:
                     shown = "-" if rate is None else f"{rate:.1f} img/s"
-                    print(f"generator {variant:11s} batch {b:4d}: {shown}", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"generator {variant:11s} batch {b:4d}: {shown}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     return [rows[v, b] for v in variants for b in batches]
 
 
 @torch.inference_mode()
-def _time_in_turns(fns: dict[str, Callable], z: torch.Tensor, warmup: int, windows: int,
-                   min_window_s: float, dev: torch.device) -> dict[str, tuple[float, float]]:
+def _time_in_turns(
+    fns: dict[str, Callable],
+    z: torch.Tensor,
+    warmup: int,
+    windows: int,
+    min_window_s: float,
+    dev: torch.device,
+) -> dict[str, tuple[float, float]]:
     """variant -> (first call s, median images/s) for one batch of latents z."""
     now, batch = clock("wall", dev), z.shape[0]
     first, steps, calls = {}, {}, {}
@@ -102,8 +138,10 @@ def _time_in_turns(fns: dict[str, Callable], z: torch.Tensor, warmup: int, windo
         steps[variant] = counted(partial(fn, z), batch)
         # enough calls per window that it lasts about min_window_s
         calls[variant] = max(1, math.ceil(min_window_s / max(per_call, 1e-6)))
-    return {variant: (first[variant], statistics.median(n / sec for n, sec in w))
-            for variant, w in in_turns(steps, windows, calls, now).items()}
+    return {
+        variant: (first[variant], statistics.median(n / sec for n, sec in w))
+        for variant, w in in_turns(steps, windows, calls, now).items()
+    }
 
 
 def _variant(name: str, g: Generator, meta: dict[str, Any], dev: torch.device, tmp: Path):
@@ -132,6 +170,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         rate = "-" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}"
         first = "-" if row["first_call_s"] is None else f"{row['first_call_s']:.2f}"
-        lines.append(f"{row['variant']:<12} {row['batch']:>5} {rate:>10} {first:>13}  "
-                     f"{row['note']}")
+        lines.append(
+            f"{row['variant']:<12} {row['batch']:>5} {rate:>10} {first:>13}  {row['note']}"
+        )
     return "\n".join(lines)

@@ -20,9 +20,11 @@ Timed = Callable[[], int]  # runs one step and returns how many images it proces
 
 def counted(fn: Callable[[], object], images: int) -> Timed:
     """The Timed that runs fn() and counts `images` images (a batch's size)."""
+
     def run() -> int:
         fn()
         return images
+
     return run
 
 
@@ -49,9 +51,13 @@ def clock(kind: str, device: torch.device | str) -> Callable[[], float]:
     return wall
 
 
-def in_turns(steps: Mapping[str, Timed], windows: int, calls: int | Mapping[str, int],
-             now: Callable[[], float], after_window: Callable[[], None] = lambda: None
-             ) -> dict[str, list[tuple[int, float]]]:
+def in_turns(
+    steps: Mapping[str, Timed],
+    windows: int,
+    calls: int | Mapping[str, int],
+    now: Callable[[], float],
+    after_window: Callable[[], None] = lambda: None,
+) -> dict[str, list[tuple[int, float]]]:
     """(images, seconds) of every window of each step.
 
     Window w runs each step `calls` times (an int, or one count per step), the
@@ -62,7 +68,7 @@ def in_turns(steps: Mapping[str, Timed], windows: int, calls: int | Mapping[str,
     names = list(steps)
     out: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
     for w in range(windows):
-        for name in names[w % len(names):] + names[:w % len(names)]:
+        for name in names[w % len(names) :] + names[: w % len(names)]:
             k = calls if isinstance(calls, int) else calls[name]
             t0 = now()
             images = sum(steps[name]() for _ in range(k))

@@ -219,8 +219,9 @@ def _children_cpu_ticks() -> int | None:
     return total
 
 
-def wait_for_idle_workers(poll_s: float = 0.02, quiet_polls: int = 3,
-                          timeout_s: float = 30.0) -> None:
+def wait_for_idle_workers(
+    poll_s: float = 0.02, quiet_polls: int = 3, timeout_s: float = 30.0
+) -> None:
     """Block until the DataLoader workers stop using CPU (they refill their
     prefetch queue after each batch the reference takes).
 
@@ -313,8 +314,13 @@ def warm_up(step, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(steps: dict[str, Any], windows: int, steps_per_window: int,
-                     device: torch.device, after_window=lambda: None) -> dict[str, float]:
+def time_interleaved(
+    steps: dict[str, Any],
+    windows: int,
+    steps_per_window: int,
+    device: torch.device,
+    after_window=lambda: None,
+) -> dict[str, float]:
     """Median images/s of each step over `windows` windows of `steps_per_window`
     steps, the steps timed in turns (`dcgan.bench.timing.in_turns` says why)."""
     wins = in_turns(steps, windows, steps_per_window, clock("wall", device), after_window)
@@ -323,20 +329,27 @@ def time_interleaved(steps: dict[str, Any], windows: int, steps_per_window: int,
 
 def synthetic_images(batch: int, resolution: int) -> np.ndarray:
     """Random uint8 RGB images (max(4 batch, 512), 3, R, R), seed 0: the synthetic data."""
-    return np.random.default_rng(0).integers(0, 256, (max(4 * batch, 512), 3, resolution,
-                                                      resolution), dtype=np.uint8)
+    return np.random.default_rng(0).integers(
+        0, 256, (max(4 * batch, 512), 3, resolution, resolution), dtype=np.uint8
+    )
 
 
-def build_step(name: str, kind: str, cfg: Config, images: np.ndarray, device: torch.device,
-               image_files) -> Any:
+def build_step(
+    name: str, kind: str, cfg: Config, images: np.ndarray, device: torch.device, image_files
+) -> Any:
     """One row's step: the reference with its DataLoader, or dcgan's step."""
     b, nc = cfg.train.batch, 3
     if name == "reference":
         if kind == "real":
             ds = FileImages(image_files(), cfg.data.resolution, nc)
-            loader = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True,
-                                                 num_workers=2, drop_last=True,
-                                                 persistent_workers=True)
+            loader = torch.utils.data.DataLoader(
+                ds,
+                batch_size=b,
+                shuffle=True,
+                num_workers=2,
+                drop_last=True,
+                persistent_workers=True,
+            )
         else:  # synthetic: tensors already decoded, as the example's fake data
             x = from_uint8(images)
             loader = torch.utils.data.DataLoader(x, batch_size=b, shuffle=True, drop_last=True)
@@ -346,11 +359,20 @@ def build_step(name: str, kind: str, cfg: Config, images: np.ndarray, device: to
     return DcganStep(cfg, nc, device, HostBatches(images, b, device))
 
 
-def run_bench(device_name: str = "auto", *, batches: tuple[int, ...] = (64, 128),
-              resolutions: tuple[int, ...] = (64, 32), data_kinds: tuple[str, ...] = (
-                  "synthetic", "real"), dataset: str = "emoji", names: tuple[str, ...] = (),
-              warmup: int = 3, windows: int = 5, steps: int = 3,
-              peak_tflops: float | None = None, progress: bool = True) -> list[Row]:
+def run_bench(
+    device_name: str = "auto",
+    *,
+    batches: tuple[int, ...] = (64, 128),
+    resolutions: tuple[int, ...] = (64, 32),
+    data_kinds: tuple[str, ...] = ("synthetic", "real"),
+    dataset: str = "emoji",
+    names: tuple[str, ...] = (),
+    warmup: int = 3,
+    windows: int = 5,
+    steps: int = 3,
+    peak_tflops: float | None = None,
+    progress: bool = True,
+) -> list[Row]:
     """Rows for every (resolution, batch, data) group; within a group the rows are
     built and warmed up one by one, then timed in turns (`time_interleaved`).
 
@@ -362,8 +384,11 @@ def run_bench(device_name: str = "auto", *, batches: tuple[int, ...] = (64, 128)
     from dcgan.machine import resolve_device
 
     device = resolve_device(device_name)
-    plan = ["reference", *[v for v in VARIANTS if not (v == "+fp16" and device.type != "cuda")],
-            "default"]
+    plan = [
+        "reference",
+        *[v for v in VARIANTS if not (v == "+fp16" and device.type != "cuda")],
+        "default",
+    ]
     if names:
         unknown = set(names) - set(plan)
         if unknown:
@@ -371,8 +396,13 @@ def run_bench(device_name: str = "auto", *, batches: tuple[int, ...] = (64, 128)
         plan = [n for n in plan if n in names]
     groups = [(r, b, d) for r in resolutions for b in batches for d in data_kinds]
     rows: list[Row] = []
-    bar = tqdm(total=len(groups) * len(plan) * (1 + windows), desc="bench", unit="window",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(groups) * len(plan) * (1 + windows),
+        desc="bench",
+        unit="window",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with tempfile.TemporaryDirectory(prefix="dcgan-bench-") as tmp:
         files: dict[int, list[Path]] = {}
         real: dict[int, np.ndarray] = {}
@@ -408,35 +438,51 @@ def run_bench(device_name: str = "auto", *, batches: tuple[int, ...] = (64, 128)
                 mem[name] = pm.peak_mb if device.type == "cuda" else base + pm.peak_mb - before
                 bar.update(1)
             bar.set_postfix_str(f"timing {kind} b{b} {r}px")
-            rates = time_interleaved(built, windows, steps, device,
-                                     after_window=lambda: bar.update(len(plan)))
+            rates = time_interleaved(
+                built, windows, steps, device, after_window=lambda: bar.update(len(plan))
+            )
             g = Generator(cfg.model.nz, cfg.model.ngf, 3, r)
             d = Discriminator(cfg.model.ndf, 3, r)
             flops = train_flops_per_image(g, d, cfg.model.nz)
             for name in plan:
                 rate = rates[name]
                 tflops = rate * flops / 1e12
-                rows.append(Row(name, device_label(device), b, r, kind, round(rate, 1),
-                                round(mem[name], 1), round(warm[name], 2), flops,
-                                round(tflops, 4),
-                                round(tflops / peak_tflops, 4) if peak_tflops else None))
+                rows.append(
+                    Row(
+                        name,
+                        device_label(device),
+                        b,
+                        r,
+                        kind,
+                        round(rate, 1),
+                        round(mem[name], 1),
+                        round(warm[name], 2),
+                        flops,
+                        round(tflops, 4),
+                        round(tflops / peak_tflops, 4) if peak_tflops else None,
+                    )
+                )
             del built
     bar.close()
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'name':<16} {'data':<9} {'batch':>5} {'res':>4} {'img/s':>9} {'x ref':>6} "
-            f"{'peak MB':>8} {'warm s':>7} {'TFLOP/s':>8} {'of peak':>8}")
+    head = (
+        f"{'name':<16} {'data':<9} {'batch':>5} {'res':>4} {'img/s':>9} {'x ref':>6} "
+        f"{'peak MB':>8} {'warm s':>7} {'TFLOP/s':>8} {'of peak':>8}"
+    )
     lines = [head, "-" * len(head)]
     ref = {(r.batch, r.resolution, r.data): r.img_per_s for r in rows if r.name == "reference"}
     for r in rows:
         base = ref.get((r.batch, r.resolution, r.data))
         speedup = f"{r.img_per_s / base:.2f}" if base else "-"
         frac = f"{100 * r.peak_fraction:.1f}%" if r.peak_fraction is not None else "-"
-        lines.append(f"{r.name:<16} {r.data:<9} {r.batch:>5} {r.resolution:>4} "
-                     f"{r.img_per_s:>9.1f} {speedup:>6} {r.peak_mem_mb:>8.0f} "
-                     f"{r.warmup_s:>7.2f} {r.tflops:>8.3f} {frac:>8}")
+        lines.append(
+            f"{r.name:<16} {r.data:<9} {r.batch:>5} {r.resolution:>4} "
+            f"{r.img_per_s:>9.1f} {speedup:>6} {r.peak_mem_mb:>8.0f} "
+            f"{r.warmup_s:>7.2f} {r.tflops:>8.3f} {frac:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -449,8 +495,10 @@ def save_chart(rows: list[Row], path: Path) -> None:
 
     labels = [f"{r.name} | {r.data} b{r.batch} {r.resolution}px" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.2))
-    colours = ["tab:gray" if r.name == "reference" else "tab:green" if r.name == "default"
-               else "tab:blue" for r in rows]
+    colours = [
+        "tab:gray" if r.name == "reference" else "tab:green" if r.name == "default" else "tab:blue"
+        for r in rows
+    ]
     ax.barh(range(len(rows)), [r.img_per_s for r in rows], color=colours)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -462,17 +510,29 @@ def save_chart(rows: list[Row], path: Path) -> None:
 
 
 def write_json(rows: list[Row], path: Path, command: str) -> None:
-    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "torch": torch.__version__, "python": platform.python_version()}
+    meta = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     path.write_text(json.dumps([{**r.as_dict(), **meta} for r in rows], indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- profiler
 
 
-def profile_default(device_name: str = "auto", batch: int = 64, resolution: int = 64,
-                    data: str = "synthetic", dataset: str = "emoji", warmup: int = 3,
-                    steps: int = 3, trace: Path | None = None, top: int = 15) -> str:
+def profile_default(
+    device_name: str = "auto",
+    batch: int = 64,
+    resolution: int = 64,
+    data: str = "synthetic",
+    dataset: str = "emoji",
+    warmup: int = 3,
+    steps: int = 3,
+    trace: Path | None = None,
+    top: int = 15,
+) -> str:
     """torch.profiler over `steps` default train steps after warm-up.
 
     Returns the operator table sorted by self time on the device that does the
@@ -485,10 +545,14 @@ def profile_default(device_name: str = "auto", batch: int = 64, resolution: int 
     from dcgan.machine import resolve_device
 
     device = resolve_device(device_name)
-    cfg = from_preset("dcgan64", {"resolution": resolution, "batch": batch,
-                                  "dataset": dataset, "channels": 3})
-    images = (load_images(dataset, resolution, 3, progress=False).images if data == "real"
-              else synthetic_images(batch, resolution))
+    cfg = from_preset(
+        "dcgan64", {"resolution": resolution, "batch": batch, "dataset": dataset, "channels": 3}
+    )
+    images = (
+        load_images(dataset, resolution, 3, progress=False).images
+        if data == "real"
+        else synthetic_images(batch, resolution)
+    )
     torch.manual_seed(0)
     step = build_step("default", data, cfg, images, device, image_files=None)
     warm_up(step, warmup, device)

@@ -75,12 +75,13 @@ def _pad(x: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
         return x.contiguous()
     n, c, h, w = x.shape
     out = x.new_zeros(n, c, h + 2 * p[0], w + 2 * p[1])
-    out[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = x
+    out[:, :, p[0] : p[0] + h, p[1] : p[1] + w] = x
     return out
 
 
-def unfold(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-           padding: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+def unfold(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """(N, C, H, W) -> columns (C K1 K2, N H' W') and (H', W'), as in the docstring."""
     n, c, h, w = x.shape
     (k1, k2), (s1, s2) = kernel, stride
@@ -91,13 +92,19 @@ def unfold(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
         raise ValueError(f"kernel {kernel} larger than padded input {(hp, wp)}")
     sn, sc, sh, sw = xp.stride()
     # view (C, K1, K2, N, H', W'): element [c,i,j,n,h',w'] = xp[n, c, s1 h' + i, s2 w' + j]
-    windows = xp.as_strided((c, k1, k2, n, ho, wo), (sc, sh, sw, sn, sh * s1, sw * s2),
-                            xp.storage_offset())
+    windows = xp.as_strided(
+        (c, k1, k2, n, ho, wo), (sc, sh, sw, sn, sh * s1, sw * s2), xp.storage_offset()
+    )
     return windows.reshape(c * k1 * k2, n * ho * wo), (ho, wo)
 
 
-def fold(cols: torch.Tensor, shape: tuple[int, int, int, int], kernel: tuple[int, int],
-         stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+def fold(
+    cols: torch.Tensor,
+    shape: tuple[int, int, int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> torch.Tensor:
     """Adjoint of `unfold`: columns (C K1 K2, N H' W') -> (N, C, H, W) of `shape`,
     summing the entries of overlapping windows."""
     n, c, h, w = shape
@@ -109,8 +116,10 @@ def fold(cols: torch.Tensor, shape: tuple[int, int, int, int], kernel: tuple[int
     slabs = cols.view(c, k1, k2, n, ho, wo)
     for i in range(k1):
         for j in range(k2):
-            out[:, :, i:i + s1 * (ho - 1) + 1:s1, j:j + s2 * (wo - 1) + 1:s2] += slabs[:, i, j]
-    return out[:, :, p1:p1 + h, p2:p2 + w].transpose(0, 1).contiguous()
+            out[:, :, i : i + s1 * (ho - 1) + 1 : s1, j : j + s2 * (wo - 1) + 1 : s2] += slabs[
+                :, i, j
+            ]
+    return out[:, :, p1 : p1 + h, p2 : p2 + w].transpose(0, 1).contiguous()
 
 
 def _channel_major(t: torch.Tensor) -> torch.Tensor:
@@ -127,15 +136,25 @@ def _batch_major(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 class _ConvBase(Module):
     transposed = False
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int], padding: int | tuple[int, int], bias: bool,
-                 kernel: str | None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int],
+        bias: bool,
+        kernel: str | None,
+    ):
         super().__init__()
         if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"conv kernel must be one of {KERNELS}, got {kernel!r}")
         self.in_ch, self.out_ch = in_ch, out_ch
-        self.kernel_size, self.stride, self.padding = (_pair(kernel_size), _pair(stride),
-                                                       _pair(padding))
+        self.kernel_size, self.stride, self.padding = (
+            _pair(kernel_size),
+            _pair(stride),
+            _pair(padding),
+        )
         self.kernel = kernel
         k1, k2 = self.kernel_size
         shape = (in_ch, out_ch, k1, k2) if self.transposed else (out_ch, in_ch, k1, k2)
@@ -162,14 +181,20 @@ class _ConvBase(Module):
         y, saved = self._unfold_forward(x)
         return self._record(y, x, *saved)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         if saved[0] == "native":
             x = saved[1]
             has_bias = self.bias is not None
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                grad_out, x, self.weight.data, [self.out_ch] if has_bias else None,
-                *self._aten_args(), [input_grad, True, has_bias])
+                grad_out,
+                x,
+                self.weight.data,
+                [self.out_ch] if has_bias else None,
+                *self._aten_args(),
+                [input_grad, True, has_bias],
+            )
             self.weight.accumulate(gw)
             if has_bias:
                 self.bias.accumulate(gb)
@@ -177,17 +202,26 @@ class _ConvBase(Module):
         return self._unfold_backward(grad_out, saved, input_grad)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
-                f"kernel={self.kernel or 'global'}")
+        return (
+            f"{self.in_ch}, {self.out_ch}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"kernel={self.kernel or 'global'}"
+        )
 
 
 class Conv2d(_ConvBase):
     """2-d cross-correlation, torch.nn.Conv2d semantics (no dilation, no groups)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 bias: bool = True, kernel: str | None = None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        kernel: str | None = None,
+    ):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding, bias, kernel)
 
     def _unfold_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -200,8 +234,9 @@ class Conv2d(_ConvBase):
             s = w2 @ cols
         return _batch_major(s, n, ho, wo), ("unfold", cols, x.shape)
 
-    def _unfold_backward(self, grad_out: torch.Tensor, saved: tuple,
-                         input_grad: bool) -> torch.Tensor | None:
+    def _unfold_backward(
+        self, grad_out: torch.Tensor, saved: tuple, input_grad: bool
+    ) -> torch.Tensor | None:
         _, cols, x_shape = saved
         g = _channel_major(grad_out)  # (C', N H' W')
         self.weight.accumulate(g @ cols.t())  # (C', CKK)
@@ -219,9 +254,16 @@ class ConvTranspose2d(_ConvBase):
 
     transposed = True
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 bias: bool = True, kernel: str | None = None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        kernel: str | None = None,
+    ):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding, bias, kernel)
 
     def _out_size(self, h: int, w: int) -> tuple[int, int]:
@@ -240,8 +282,9 @@ class ConvTranspose2d(_ConvBase):
             y += self.bias.data.view(1, -1, 1, 1)
         return y, ("unfold", x2, x.shape)
 
-    def _unfold_backward(self, grad_out: torch.Tensor, saved: tuple,
-                         input_grad: bool) -> torch.Tensor | None:
+    def _unfold_backward(
+        self, grad_out: torch.Tensor, saved: tuple, input_grad: bool
+    ) -> torch.Tensor | None:
         _, x2, (n, _, h, w) = saved
         gcols, _ = unfold(grad_out, self.kernel_size, self.stride, self.padding)  # (C'KK, NHW)
         self.weight.accumulate(x2 @ gcols.t())  # (C, C' K1 K2)

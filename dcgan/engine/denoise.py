@@ -43,10 +43,15 @@ from dcgan.engine.reference import torch_denoiser
 
 def build_denoiser(kernel: str | None = None) -> Sequential:
     return Sequential(
-        Conv2d(3, 16, 4, stride=2, padding=1, kernel=kernel), ReLU(),
-        Conv2d(16, 32, 4, stride=2, kernel=kernel), ReLU(),
-        ConvTranspose2d(32, 16, 4, stride=2, kernel=kernel), ReLU(),
-        ConvTranspose2d(16, 3, 4, stride=2, padding=1, kernel=kernel), Sigmoid())
+        Conv2d(3, 16, 4, stride=2, padding=1, kernel=kernel),
+        ReLU(),
+        Conv2d(16, 32, 4, stride=2, kernel=kernel),
+        ReLU(),
+        ConvTranspose2d(32, 16, 4, stride=2, kernel=kernel),
+        ReLU(),
+        ConvTranspose2d(16, 3, 4, stride=2, padding=1, kernel=kernel),
+        Sigmoid(),
+    )
 
 
 def load_emoji(resolution: int = 32) -> torch.Tensor:
@@ -86,12 +91,22 @@ def _torch_epoch(net: torch.nn.Module, opt: torch.optim.Optimizer, batches: list
         opt.step()
 
 
-def run_denoise(epochs: int = 5, device: str = "cpu", kernel: str = "native", *,
-                images: np.ndarray | torch.Tensor | None = None, sigma: float = 0.2,
-                batch: int = 16, lr: float = 0.5, momentum: float = 0.9,
-                val_fraction: float = 0.1, max_train: int | None = None, seed: int = 0,
-                with_torch: bool = True,
-                log: Callable[[str], None] | None = print) -> dict:
+def run_denoise(
+    epochs: int = 5,
+    device: str = "cpu",
+    kernel: str = "native",
+    *,
+    images: np.ndarray | torch.Tensor | None = None,
+    sigma: float = 0.2,
+    batch: int = 16,
+    lr: float = 0.5,
+    momentum: float = 0.9,
+    val_fraction: float = 0.1,
+    max_train: int | None = None,
+    seed: int = 0,
+    with_torch: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict:
     """Train the denoiser with the engine (and torch autograd) and report per epoch.
 
     Returns {"noisy_psnr": dB of the noisy validation inputs, "n_train", "n_val",
@@ -118,13 +133,20 @@ def run_denoise(epochs: int = 5, device: str = "cpu", kernel: str = "native", *,
     ref.load_state_dict(net.state_dict())  # same initial weights
     ref_opt = torch.optim.SGD(ref.parameters(), lr, momentum)
 
-    result: dict = {"noisy_psnr": psnr(val_noisy, val_clean), "n_train": n_train,
-                    "n_val": n_val, "sigma": sigma, "kernel": kernel,
-                    "engine": {"psnr": [], "sec_per_epoch": []},
-                    "torch": {"psnr": [], "sec_per_epoch": []}}
+    result: dict = {
+        "noisy_psnr": psnr(val_noisy, val_clean),
+        "n_train": n_train,
+        "n_val": n_val,
+        "sigma": sigma,
+        "kernel": kernel,
+        "engine": {"psnr": [], "sec_per_epoch": []},
+        "torch": {"psnr": [], "sec_per_epoch": []},
+    }
     if log:
-        log(f"denoiser: {n_train} train / {n_val} val images, noise std {sigma}, kernel "
-            f"{kernel}; noisy validation PSNR {result['noisy_psnr']:.2f} dB")
+        log(
+            f"denoiser: {n_train} train / {n_val} val images, noise std {sigma}, kernel "
+            f"{kernel}; noisy validation PSNR {result['noisy_psnr']:.2f} dB"
+        )
         log("epoch  engine PSNR  torch PSNR  engine s/epoch  torch s/epoch")
     for epoch in range(1, epochs + 1):
         # the epoch's batches are fixed up front, so both implementations see the same
@@ -133,7 +155,7 @@ def run_denoise(epochs: int = 5, device: str = "cpu", kernel: str = "native", *,
         noise = sigma * torch.randn((2, *train_clean.shape), generator=gen).to(device)
         batches = []
         for i in range(0, n_train, batch):
-            idx = perm[i:i + batch].to(device)
+            idx = perm[i : i + batch].to(device)
             x0 = train_clean[idx]
             batches.append((x0 + noise[0, idx], x0 + noise[1, idx]))
 

@@ -30,40 +30,81 @@ from dcgan.engine.optim import SGD, Adam, Optimizer
 class ScratchGAN:
     """Engine G and D plus their optimisers (Adam, or AdamW with decoupled=True)."""
 
-    def __init__(self, nz: int = 100, ngf: int = 64, ndf: int = 64, nc: int = 3,
-                 resolution: int = 64, *, g_lr: float = 2e-4, d_lr: float = 2e-4,
-                 betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 0.0,
-                 decoupled: bool = False, g_dropout: float = 0.0,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 kernel: str | None = None, d_optimizer: Optimizer | None = None):
+    def __init__(
+        self,
+        nz: int = 100,
+        ngf: int = 64,
+        ndf: int = 64,
+        nc: int = 3,
+        resolution: int = 64,
+        *,
+        g_lr: float = 2e-4,
+        d_lr: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        g_dropout: float = 0.0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        kernel: str | None = None,
+        d_optimizer: Optimizer | None = None,
+    ):
         self.nz = nz
         self.generator = build_generator(nz, ngf, nc, resolution, g_dropout, kernel)
         self.discriminator = build_discriminator(ndf, nc, resolution, kernel)
         self.generator.to(device, dtype)
         self.discriminator.to(device, dtype)
-        self.g_opt: Optimizer = Adam(self.generator.parameters(), g_lr, betas,
-                                     weight_decay=weight_decay, decoupled=decoupled)
+        self.g_opt: Optimizer = Adam(
+            self.generator.parameters(), g_lr, betas, weight_decay=weight_decay, decoupled=decoupled
+        )
         self.d_opt: Optimizer = d_optimizer or Adam(
-            self.discriminator.parameters(), d_lr, betas, weight_decay=weight_decay,
-            decoupled=decoupled)
+            self.discriminator.parameters(),
+            d_lr,
+            betas,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+        )
         self.loss = BCEWithLogitsLoss()
 
     @classmethod
-    def from_config(cls, cfg: Any, nc: int, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, kernel: str | None = None) -> ScratchGAN:
+    def from_config(
+        cls,
+        cfg: Any,
+        nc: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        kernel: str | None = None,
+    ) -> ScratchGAN:
         """Build from a dcgan.config.Config (model and train sections). g_opt/d_opt
         "adam" and "adamw" map to Adam(decoupled=...); d_opt "sgd" uses engine SGD."""
         m, t = cfg.model, cfg.train
-        gan = cls(m.nz, m.ngf, m.ndf, nc, cfg.data.resolution, g_lr=t.g_lr, d_lr=t.d_lr,
-                  betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
-                  decoupled=t.g_opt == "adamw", g_dropout=m.g_dropout, device=device,
-                  dtype=dtype, kernel=kernel)
+        gan = cls(
+            m.nz,
+            m.ngf,
+            m.ndf,
+            nc,
+            cfg.data.resolution,
+            g_lr=t.g_lr,
+            d_lr=t.d_lr,
+            betas=(t.beta1, t.beta2),
+            weight_decay=t.weight_decay,
+            decoupled=t.g_opt == "adamw",
+            g_dropout=m.g_dropout,
+            device=device,
+            dtype=dtype,
+            kernel=kernel,
+        )
         d_params = gan.discriminator.parameters()
         if t.d_opt == "sgd":
             gan.d_opt = SGD(d_params, t.d_lr, t.d_momentum, t.weight_decay)
         else:
-            gan.d_opt = Adam(d_params, t.d_lr, (t.beta1, t.beta2),
-                             weight_decay=t.weight_decay, decoupled=t.d_opt == "adamw")
+            gan.d_opt = Adam(
+                d_params,
+                t.d_lr,
+                (t.beta1, t.beta2),
+                weight_decay=t.weight_decay,
+                decoupled=t.d_opt == "adamw",
+            )
         return gan
 
     def train(self, mode: bool = True) -> ScratchGAN:
@@ -71,8 +112,13 @@ class ScratchGAN:
         self.discriminator.train(mode)
         return self
 
-    def d_step(self, x_real: torch.Tensor, z: torch.Tensor, target_real: torch.Tensor | float,
-               target_fake: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    def d_step(
+        self,
+        x_real: torch.Tensor,
+        z: torch.Tensor,
+        target_real: torch.Tensor | float,
+        target_fake: torch.Tensor | float,
+    ) -> dict[str, torch.Tensor]:
         """One discriminator update; returns 0-d tensors loss_d, d_real, d_fake."""
         D, G = self.discriminator, self.generator
         self.d_opt.zero_grad()
@@ -86,8 +132,11 @@ class ScratchGAN:
         backward(loss_d)  # both D passes; neither input needs a gradient
         self.d_opt.step()
         # detach(): the reported numbers carry no (spent) tape node
-        return {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(logits_real).mean(),
-                "d_fake": torch.sigmoid(logits_fake).mean()}
+        return {
+            "loss_d": loss_d.detach(),
+            "d_real": torch.sigmoid(logits_real).mean(),
+            "d_fake": torch.sigmoid(logits_fake).mean(),
+        }
 
     def g_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """One generator update with the non-saturating loss BCE(D(G(z)), 1)."""
@@ -100,8 +149,13 @@ class ScratchGAN:
         self.g_opt.step()
         return {"loss_g": loss_g.detach()}
 
-    def step(self, x_real: torch.Tensor, z: torch.Tensor, target_real: torch.Tensor | float = 1.0,
-             target_fake: torch.Tensor | float = 0.0) -> dict[str, torch.Tensor]:
+    def step(
+        self,
+        x_real: torch.Tensor,
+        z: torch.Tensor,
+        target_real: torch.Tensor | float = 1.0,
+        target_fake: torch.Tensor | float = 0.0,
+    ) -> dict[str, torch.Tensor]:
         """d_step then g_step on the same z."""
         out = self.d_step(x_real, z, target_real, target_fake)
         out.update(self.g_step(z))

@@ -83,8 +83,13 @@ def node_of(t: torch.Tensor) -> Node | None:
     return getattr(t, _ATTR, None)
 
 
-def record(op: Op, out: torch.Tensor, inputs: tuple[torch.Tensor, ...], saved: tuple,
-           trainable: bool = False) -> torch.Tensor:
+def record(
+    op: Op,
+    out: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    saved: tuple,
+    trainable: bool = False,
+) -> torch.Tensor:
     """Return `out` carrying a new node for this call of `op`.
 
     Nothing is recorded under `no_grad()`, nor when no input has a node and the op has
@@ -133,7 +138,8 @@ def _topological(root: Node) -> list[Node]:
                     raise RuntimeError(
                         f"backward through a forward that was already back-propagated ({p}): "
                         "its saved tensors are freed; run the forward again, or join the "
-                        "outputs with engine.add and call backward once")
+                        "outputs with engine.add and call backward once"
+                    )
                 seen.add(p)
                 stack.append((p, iter(p.parents)))
                 break
@@ -152,19 +158,24 @@ def backward(output: torch.Tensor, grad_out: torch.Tensor | None = None) -> None
     """
     root = node_of(output)
     if root is None or root.op is None:
-        raise RuntimeError("backward: this tensor was not produced by a recorded engine op "
-                           "(made under no_grad(), from data only, or a view of an output)")
+        raise RuntimeError(
+            "backward: this tensor was not produced by a recorded engine op "
+            "(made under no_grad(), from data only, or a view of an output)"
+        )
     if root.saved is None:
-        raise RuntimeError(f"backward through a forward that was already back-propagated "
-                           f"({root})")
+        raise RuntimeError(f"backward through a forward that was already back-propagated ({root})")
     if grad_out is None:
         if output.numel() != 1:
-            raise RuntimeError("backward: grad_out is needed for an output of more than "
-                               f"one element, got shape {tuple(output.shape)}")
+            raise RuntimeError(
+                "backward: grad_out is needed for an output of more than "
+                f"one element, got shape {tuple(output.shape)}"
+            )
         grad_out = torch.ones_like(output)
     elif grad_out.shape != output.shape:
-        raise ValueError(f"backward: grad_out shape {tuple(grad_out.shape)} != output "
-                         f"shape {tuple(output.shape)}")
+        raise ValueError(
+            f"backward: grad_out shape {tuple(grad_out.shape)} != output "
+            f"shape {tuple(output.shape)}"
+        )
     pending: dict[Node, torch.Tensor] = {root: grad_out}  # summed dL/d(node's output)
     with torch.no_grad():
         for node in _topological(root):

@@ -27,8 +27,9 @@ class Linear(Module):
             y = x2 @ self.weight.data.t()
         return self._record(y.view(*x.shape[:-1], self.out_f), x, x2, x.shape)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         x2, shape = saved
         g = grad_out.reshape(-1, self.out_f)  # (M, out_f)
         self.weight.accumulate(g.t() @ x2)  # dL/dW = G^T X, (out_f, in_f)
@@ -89,8 +90,9 @@ class BatchNorm2d(Module):
         y = torch.addcmul(self.bias.data.view(1, c, 1, 1), xc, scale.view(1, c, 1, 1))
         return self._record(y, x, xc, invstd, self.training)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         xc, invstd, training = saved  # centred input (N, C, H, W), 1/std (C,)
         c = self.ch
         m = xc.numel() // c
@@ -120,8 +122,9 @@ class ReLU(Module):
         y = x.clamp_min(0)
         return self._record(y, x, y)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         (y,) = saved
         # d relu / dx = 1 where the output is positive, else 0 (0 at x = 0, as torch).
         # y >= 0, so sign(y) is exactly that 0/1 mask; a multiply by it is several
@@ -143,8 +146,9 @@ class LeakyReLU(Module):
         # (which the next layer keeps anyway) is saved; a negative slope flips y's sign
         return self._record(y, x, y if self.slope >= 0 else x)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         (t,) = saved
         if not input_grad:
             return None
@@ -162,8 +166,9 @@ class Tanh(Module):
         y = torch.tanh(x)
         return self._record(y, x, y)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         (y,) = saved
         return grad_out * (1 - y * y) if input_grad else None  # tanh' = 1 - tanh^2
 
@@ -173,8 +178,9 @@ class Sigmoid(Module):
         y = torch.sigmoid(x)
         return self._record(y, x, y)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         (y,) = saved
         return grad_out * (1 - y) * y if input_grad else None  # sigma' = sigma (1 - sigma)
 
@@ -198,8 +204,9 @@ class Dropout(Module):
             mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
         return self._record(x * mask, x, mask)
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         (mask,) = saved
         if not input_grad:
             return None

@@ -17,8 +17,9 @@ class _Loss:
     def forward(self, pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
         raise NotImplementedError
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         """dL/dpred times grad_out (a 0-d tensor: 1 when the loss is the root)."""
         raise NotImplementedError
 
@@ -37,8 +38,9 @@ class MSELoss(_Loss):
         diff = pred - _as_target(target, pred)
         return record(self, (diff * diff).mean(), (pred,), (diff,))
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         (diff,) = saved
         return diff * (2.0 / diff.numel() * grad_out) if input_grad else None
 
@@ -58,8 +60,9 @@ class BCEWithLogitsLoss(_Loss):
         loss = pred.clamp_min(0) - pred * t + torch.log1p(torch.exp(-pred.abs()))
         return record(self, loss.mean(), (pred,), (pred, t))
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         pred, t = saved
         if not input_grad:
             return None

@@ -18,20 +18,33 @@ from dcgan.models import block_widths
 class EngineGenerator(Module):
     """z (N, nz) or (N, nz, 1, 1) -> image (N, nc, R, R) in [-1, 1]."""
 
-    def __init__(self, nz: int, ngf: int, nc: int, resolution: int, dropout: float = 0.0,
-                 kernel: str | None = None):
+    def __init__(
+        self,
+        nz: int,
+        ngf: int,
+        nc: int,
+        resolution: int,
+        dropout: float = 0.0,
+        kernel: str | None = None,
+    ):
         super().__init__()
         self.nz, self.nc, self.resolution = nz, nc, resolution
         widths = block_widths(ngf, resolution)
         # (nz) x 1 x 1 -> (widths[0]) x 4 x 4
-        layers: list[Module] = [ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False, kernel=kernel),
-                                BatchNorm2d(widths[0]), ReLU()]
+        layers: list[Module] = [
+            ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False, kernel=kernel),
+            BatchNorm2d(widths[0]),
+            ReLU(),
+        ]
         if dropout > 0:
             layers.append(Dropout(dropout))
         # each block doubles the side: (w_in) x s x s -> (w_out) x 2s x 2s
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=False):
-            layers += [ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False, kernel=kernel),
-                       BatchNorm2d(w_out), ReLU()]
+            layers += [
+                ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False, kernel=kernel),
+                BatchNorm2d(w_out),
+                ReLU(),
+            ]
             if dropout > 0:
                 layers.append(Dropout(dropout))
         # (ngf) x R/2 x R/2 -> (nc) x R x R
@@ -51,12 +64,17 @@ class EngineDiscriminator(Module):
         self.nc, self.resolution = nc, resolution
         widths = block_widths(ndf, resolution)[::-1]
         # (nc) x R x R -> (ndf) x R/2 x R/2, no BatchNorm on the input layer
-        layers: list[Module] = [Conv2d(nc, widths[0], 4, 2, 1, bias=False, kernel=kernel),
-                                LeakyReLU(0.2)]
+        layers: list[Module] = [
+            Conv2d(nc, widths[0], 4, 2, 1, bias=False, kernel=kernel),
+            LeakyReLU(0.2),
+        ]
         # each block halves the side
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=False):
-            layers += [Conv2d(w_in, w_out, 4, 2, 1, bias=False, kernel=kernel),
-                       BatchNorm2d(w_out), LeakyReLU(0.2)]
+            layers += [
+                Conv2d(w_in, w_out, 4, 2, 1, bias=False, kernel=kernel),
+                BatchNorm2d(w_out),
+                LeakyReLU(0.2),
+            ]
         # (widths[-1]) x 4 x 4 -> 1 x 1 x 1
         layers.append(Conv2d(widths[-1], 1, 4, 1, 0, bias=False, kernel=kernel))
         self.main = Sequential(*layers)
@@ -78,15 +96,17 @@ def dcgan_init(module: Module) -> None:
             m.bias.data.zero_()
 
 
-def build_generator(nz: int, ngf: int, nc: int, resolution: int, dropout: float = 0.0,
-                    kernel: str | None = None) -> EngineGenerator:
+def build_generator(
+    nz: int, ngf: int, nc: int, resolution: int, dropout: float = 0.0, kernel: str | None = None
+) -> EngineGenerator:
     g = EngineGenerator(nz, ngf, nc, resolution, dropout, kernel)
     dcgan_init(g)
     return g
 
 
-def build_discriminator(ndf: int, nc: int, resolution: int,
-                        kernel: str | None = None) -> EngineDiscriminator:
+def build_discriminator(
+    ndf: int, nc: int, resolution: int, kernel: str | None = None
+) -> EngineDiscriminator:
     d = EngineDiscriminator(ndf, nc, resolution, kernel)
     dcgan_init(d)
     return d

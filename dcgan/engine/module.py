@@ -91,15 +91,17 @@ class Module:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def backward(self, saved: tuple, grad_out: torch.Tensor,
-                 input_grad: bool = True) -> torch.Tensor | None:
+    def backward(
+        self, saved: tuple, grad_out: torch.Tensor, input_grad: bool = True
+    ) -> torch.Tensor | None:
         """Gradient of the loss w.r.t. the input of the forward call that saved `saved`;
         parameter gradients are added to `.grad`. input_grad=False skips the input
         gradient (the input needs none: data, or made under no_grad()) and returns None.
         Called by the graph walk (`engine.backward(output)`), not by hand."""
         raise NotImplementedError(
             f"{type(self).__name__} has no backward of its own: call "
-            "engine.backward(output) on what its forward returned")
+            "engine.backward(output) on what its forward returned"
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
@@ -136,8 +138,9 @@ class Module:
     def eval(self) -> Module:
         return self.train(False)
 
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> Module:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Module:
         """Move/cast in place (Parameter objects keep their identity, so optimisers
         built earlier still see them). Integer buffers only change device."""
 
@@ -187,8 +190,10 @@ class Module:
             target = owner._params[name].data if is_param else getattr(owner, name)
             value = state[key]
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"load_state_dict: {key} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(target.shape)}")
+                raise ValueError(
+                    f"load_state_dict: {key} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
             with torch.no_grad():
                 target.copy_(value)
 

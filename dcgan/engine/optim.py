@@ -10,8 +10,14 @@ import torch
 from dcgan.engine.module import Parameter
 
 # torch param_group key -> engine attribute
-_GROUP_KEYS = {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-               "betas": "betas", "eps": "eps", "decoupled_weight_decay": "decoupled"}
+_GROUP_KEYS = {
+    "lr": "lr",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "betas": "betas",
+    "eps": "eps",
+    "decoupled_weight_decay": "decoupled",
+}
 
 
 class Optimizer:
@@ -42,9 +48,12 @@ class Optimizer:
         load_state_dict keeps same-device tensors as they are, and a live state shared
         between two optimisers would be updated twice per step."""
         group = dict(self._hyper(), params=list(range(len(self.params))))
-        return {"state": {i: {k: v.clone() for k, v in st.items()}
-                          for i, st in enumerate(self.state) if st},
-                "param_groups": [group]}
+        return {
+            "state": {
+                i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(self.state) if st
+            },
+            "param_groups": [group],
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         group = sd["param_groups"][0]
@@ -54,21 +63,29 @@ class Optimizer:
         self.state = [{} for _ in self.params]
         for i, st in sd["state"].items():
             p = self.params[int(i)].data
-            self.state[int(i)] = {k: (v.clone() if k == "step" else v.to(p).clone())
-                                  for k, v in st.items()}
+            self.state[int(i)] = {
+                k: (v.clone() if k == "step" else v.to(p).clone()) for k, v in st.items()
+            }
 
 
 class SGD(Optimizer):
     """g <- grad + wd * p;  buf <- g (first step) or momentum * buf + g;  p <- p - lr * buf."""
 
-    def __init__(self, params: list[Parameter], lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self, params: list[Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+    ):
         super().__init__(params)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
 
     def _hyper(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "dampening": 0.0, "nesterov": False, "maximize": False}
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "dampening": 0.0,
+            "nesterov": False,
+            "maximize": False,
+        }
 
     def _update(self, p: Parameter, st: dict[str, Any]) -> None:
         g = p.grad
@@ -92,17 +109,29 @@ class Adam(Optimizer):
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     AdamW instead shrinks p <- p (1 - lr wd) before the update and leaves g alone."""
 
-    def __init__(self, params: list[Parameter], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = False):
+    def __init__(
+        self,
+        params: list[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ):
         super().__init__(params)
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
 
     def _hyper(self) -> dict[str, Any]:
-        return {"lr": self.lr, "betas": self.betas, "eps": self.eps,
-                "weight_decay": self.weight_decay, "amsgrad": False, "maximize": False,
-                "decoupled_weight_decay": self.decoupled}
+        return {
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "amsgrad": False,
+            "maximize": False,
+            "decoupled_weight_decay": self.decoupled,
+        }
 
     def _update(self, p: Parameter, st: dict[str, Any]) -> None:
         beta1, beta2 = self.betas
@@ -123,6 +152,6 @@ class Adam(Optimizer):
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         t = st["step"].item()
-        step_size = self.lr / (1 - beta1 ** t)
-        denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(self.eps)
+        step_size = self.lr / (1 - beta1**t)
+        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(self.eps)
         p.data.addcdiv_(m, denom, value=-step_size)

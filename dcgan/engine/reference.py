@@ -13,17 +13,28 @@ from dcgan.models import Discriminator, Generator
 class TorchGAN:
     """The same step as dcgan.engine.gan.ScratchGAN, written the usual torch way."""
 
-    def __init__(self, nz: int = 100, ngf: int = 64, ndf: int = 64, nc: int = 3,
-                 resolution: int = 64, *, g_lr: float = 2e-4, d_lr: float = 2e-4,
-                 betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 0.0,
-                 decoupled: bool = False, g_dropout: float = 0.0,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        nz: int = 100,
+        ngf: int = 64,
+        ndf: int = 64,
+        nc: int = 3,
+        resolution: int = 64,
+        *,
+        g_lr: float = 2e-4,
+        d_lr: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        g_dropout: float = 0.0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.generator = Generator(nz, ngf, nc, resolution, g_dropout).to(device, dtype)
         self.discriminator = Discriminator(ndf, nc, resolution).to(device, dtype)
         opt = torch.optim.AdamW if decoupled else torch.optim.Adam
         self.g_opt = opt(self.generator.parameters(), g_lr, betas, weight_decay=weight_decay)
-        self.d_opt = opt(self.discriminator.parameters(), d_lr, betas,
-                         weight_decay=weight_decay)
+        self.d_opt = opt(self.discriminator.parameters(), d_lr, betas, weight_decay=weight_decay)
         self.loss = nn.BCEWithLogitsLoss()
 
     def load_from(self, gan) -> TorchGAN:
@@ -45,8 +56,11 @@ class TorchGAN:
         loss_fake.backward()
         self.d_opt.step()
         with torch.no_grad():
-            return {"loss_d": loss_real + loss_fake, "d_real": logits_real.sigmoid().mean(),
-                    "d_fake": logits_fake.sigmoid().mean()}
+            return {
+                "loss_d": loss_real + loss_fake,
+                "d_real": logits_real.sigmoid().mean(),
+                "d_fake": logits_fake.sigmoid().mean(),
+            }
 
     def g_step(self, z) -> dict[str, torch.Tensor]:
         D, G = self.discriminator, self.generator
@@ -72,7 +86,12 @@ def _target(t, like: torch.Tensor) -> torch.Tensor:
 def torch_denoiser() -> nn.Sequential:
     """Seed 003's denoiser in torch.nn, same layer indices as the engine version."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(),
-        nn.ConvTranspose2d(32, 16, 4, stride=2), nn.ReLU(),
-        nn.ConvTranspose2d(16, 3, 4, stride=2, padding=1), nn.Sigmoid())
+        nn.Conv2d(3, 16, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(32, 16, 4, stride=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 3, 4, stride=2, padding=1),
+        nn.Sigmoid(),
+    )
