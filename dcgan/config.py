@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval_features": FEATURES,
     "on_nan": ("stop", "rollback"),
     "engine": ("torch", "scratch"),
+    "data_on": ("auto", "device", "host"),
 }
 
 
@@ -63,6 +64,10 @@ class DataConfig:
     channels: int = 0  # 1 or 3; 0 keeps the source's own channel count
     flip: bool = False  # random horizontal flip of real images
     cache_dir: str = ""  # "" means $DCGAN_CACHE or ~/.cache/dcgan
+    # where the training array lives: device (whole, on the training device), host (each
+    # batch gathered from the store's memory map and copied ahead) or auto (device if the
+    # array fits in half the device's free memory); the batches are the same on both
+    data_on: str = "auto"
 
 
 @dataclass
@@ -326,7 +331,7 @@ def validate(cfg: Config) -> None:
     _check(t.batch >= 1, f"batch must be >= 1, got {t.batch}")
     _check(t.d_steps >= 1, f"d_steps must be >= 1, got {t.d_steps}")
     for name, allowed in CHOICES.items():
-        value = getattr(t, name)
+        value = next(getattr(s, name) for s in (d, m, t) if hasattr(s, name))
         _check(value in allowed, f"{name} must be one of {one_of(allowed)}, got {value}")
     _check(t.gp_weight >= 0, f"gp_weight must be >= 0, got {t.gp_weight}")
     _check(t.r1_gamma >= 0, f"r1_gamma must be >= 0, got {t.r1_gamma}")

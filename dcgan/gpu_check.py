@@ -77,6 +77,9 @@ BUDGETS: dict[str, tuple[float, float]] = {
 DEVICE_TESTS = (
     "tests/test_data.py::test_batches_values_and_epochs",
     "tests/test_data.py::test_batches_resume_is_exact",
+    # host-served batches: pinned memory and non-blocking copies on CUDA
+    "tests/test_sampler.py::test_host_path_serves_the_device_paths_batches_bit_for_bit",
+    "tests/test_sampler.py::test_a_host_path_resumed_mid_epoch_continues_the_device_path",
 )
 # Dense (no sparsity) bf16 peak TFLOPS from the vendors' data sheets; first match wins.
 # The H100 NVL and other GPUs are left out rather than guessed: no --peak-tflops then.

@@ -3,25 +3,36 @@
 Fashion-MNIST/MNIST IDX files, a folder of image files, CIFAR-10 python batches, emoji
 rendered from a colour font, and random "fake" images. `resolve(name_or_path)` finds
 the kind (a name, else the folder's content: IDX files, CIFAR batches, else images)
-and returns a `Source` whose `build(R, progress)` decodes every image at R x R and
-whose `slug` names its content (a digest of the files' bytes, `dcgan.content`), so the
-store (`dcgan.data`) can cache the array under a name that changes when the files do.
+and returns a `Source` whose `slug` names its content (a digest of the files' bytes,
+`dcgan.content`), so the store (`dcgan.data`) can cache the array under a name that
+changes when the files do.
+
+Two ways to decode. The small fixed sources (IDX, CIFAR-10, emoji, fake: at most
+70,000 images) have `build(R, progress)`, which returns the whole array. An image
+folder may hold millions of files: it lists its `files`, and `decode_chunks` decodes
+them in order, a chunk at a time, over a pool of processes, so the store writes each
+chunk to disk and never holds the array.
 
 Resizing is antialiased Lanczos everywhere (Pillow's LANCZOS), image by image.
 """
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
+import multiprocessing
 import os
 import pathlib
 import pickle
 import re
+import signal
 import struct
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -46,8 +57,11 @@ _LANCZOS = Image.Resampling.LANCZOS
 
 
 # --------------------------------------------------------------------------------------
-# Sources. Each resolves to a Source whose `build(R, progress)` returns the source's own
-# channels already at R x R: (uint8 (N, C0, R, R), int64 (N,) labels or None, skipped).
+# Sources. Each resolves to a Source that gives the source's own channels already at
+# R x R: `build(R, progress)` -> (uint8 (N, C0, R, R), int64 (N,) labels or None,
+# skipped), or for an image folder its `files`, for `decode_chunks`.
+
+Build = Callable[[int, bool], tuple[np.ndarray, np.ndarray | None, int]]
 
 
 @dataclass
@@ -55,8 +69,10 @@ class Source:
     key: str  # ImageSet.source
     slug: str  # identifies the source (and, for folders, its content) in cache file names
     channels: int  # the source's own channel count C0
-    build: Callable[[int, bool], tuple[np.ndarray, np.ndarray | None, int]]
+    build: Build | None  # the whole array in memory; None for an image folder
     stale_glob: str = ""  # for folders: cache names of earlier versions of the same folder
+    files: tuple[pathlib.Path, ...] = ()  # an image folder's files, in the array's order
+    folder: pathlib.Path | None = None  # an image folder: where `files` lie
 
 
 def _no_test_split(what: str) -> UserError:
@@ -366,37 +382,117 @@ def _folder_source(folder: pathlib.Path, split: str, cache: pathlib.Path) -> Sou
             f"no images found under {folder}: expected files ending in "
             f"{', '.join(IMAGE_EXTENSIONS)} (any case, in any sub-folder)"
         )
-
-    def build(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
-        out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
-        good = np.zeros(len(files), dtype=bool)
-        first_bad: tuple[pathlib.Path, str] | None = None
-        bar = tqdm(
-            files, desc=f"images {folder.name}", unit="img", file=sys.stderr, disable=not progress
-        )
-        for i, f in enumerate(bar):
-            try:
-                out[i] = _load_image_file(f, resolution)
-                good[i] = True
-            except Exception as e:  # decoders raise many types for bad files
-                if first_bad is None:
-                    first_bad = (f, f"{type(e).__name__}: {e}")
-        skipped = int((~good).sum())
-        if skipped == len(files):
-            raise UserError(
-                f"none of the {len(files)} image files under {folder} could be read "
-                f"(first: {first_bad[0]}: {first_bad[1]})"
-            )
-        if first_bad is not None:
-            print(
-                f"warning: skipped {skipped} unreadable image file(s) under {folder} "
-                f"(first: {first_bad[0]}: {first_bad[1]})",
-                file=sys.stderr,
-            )
-        return out[good], None, skipped
-
     slug = _path_slug(folder, files, cache)
-    return Source(str(folder), slug, 3, build, slug.rsplit("-", 1)[0] + "-*")
+    stale = slug.rsplit("-", 1)[0] + "-*"
+    return Source(str(folder), slug, 3, None, stale, tuple(files), folder)
+
+
+# ---- decoding a folder in chunks, over processes -----------------------------------------
+
+CHUNK_MAX = 64  # images per chunk at most: resume and the progress bar move this finely
+CHUNK_BYTES = 4 << 20  # decoded pixels per chunk at most: 64 images up to 128px, 21 at 256px
+AHEAD = 2  # chunks in flight per worker: each has its next one queued, and memory is bounded
+
+
+@dataclass
+class Chunk:
+    """Files [start, stop) of a folder, decoded."""
+
+    start: int
+    stop: int
+    images: np.ndarray  # uint8 (readable files, 3, R, R), in file order
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (file index, why) of the others
+
+
+def chunk_images(resolution: int) -> int:
+    """Images per chunk at this resolution."""
+    return max(1, min(CHUNK_MAX, CHUNK_BYTES // (3 * resolution * resolution)))
+
+
+def _decode_chunk(files: list[pathlib.Path], start: int, resolution: int) -> Chunk:
+    """Decode files[i] as image start + i; runs in a pool worker or in the caller."""
+    out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
+    good = 0
+    bad = []
+    for i, f in enumerate(files):
+        try:
+            out[good] = _load_image_file(f, resolution)
+            good += 1
+        except Exception as e:  # decoders raise many types for bad files
+            bad.append((start + i, f"{type(e).__name__}: {e}"))
+    return Chunk(start, start + len(files), out[:good], bad)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C is the parent's to handle: it stops the pool and keeps what is written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def decode_chunks(
+    files: tuple[pathlib.Path, ...], resolution: int, start: int = 0, workers: int = 1
+) -> Iterator[Chunk]:
+    """Decode files[start:] in order, one Chunk after another.
+
+    With workers > 1 the chunks are decoded by a pool of that many processes (spawned:
+    the caller may hold threads, torch's among them, which fork does not copy safely)
+    and still come back in file order, so the result is the same for any worker count.
+    Close the iterator (`contextlib.closing`) to stop the pool early.
+    """
+    size = chunk_images(resolution)
+    bounds = [(a, min(a + size, len(files))) for a in range(start, len(files), size)]
+    workers = max(1, min(workers, len(bounds)))
+    if workers == 1:  # in this process: no start-up cost for small folders
+        for a, b in bounds:
+            yield _decode_chunk(list(files[a:b]), a, resolution)
+        return
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+    )
+    todo = iter(bounds)
+    pending: collections.deque[Future[Chunk]] = collections.deque()
+    finished = False
+    try:
+
+        def submit() -> None:
+            nxt = next(todo, None)
+            if nxt is not None:
+                a, b = nxt
+                pending.append(pool.submit(_decode_chunk, list(files[a:b]), a, resolution))
+
+        for _ in range(AHEAD * workers):
+            submit()
+        while pending:
+            try:
+                chunk = pending.popleft().result()
+            except BrokenProcessPool:
+                raise UserError(
+                    "a process decoding image files died (out of memory, or a decoder "
+                    "crashed on a file): rerun with --workers 1 to find the file"
+                ) from None
+            submit()
+            yield chunk
+        finished = True
+    finally:
+        # done: wait for the idle workers to exit; stopped early (Ctrl-C, an error): drop
+        # the queued chunks and leave at once (a worker ends its current chunk, then exits)
+        pool.shutdown(wait=finished, cancel_futures=not finished)
+
+
+def check_skipped(
+    folder: pathlib.Path, total: int, skipped: int, first: tuple[str, str] | None
+) -> None:
+    """After decoding `total` files: raise when none was readable, warn when some were not."""
+    if skipped == total:
+        raise UserError(
+            f"none of the {total} image files under {folder} could be read "
+            f"(first: {first[0]}: {first[1]})"
+        )
+    if skipped:
+        print(
+            f"warning: skipped {skipped} unreadable image file(s) under {folder} "
+            f"(first: {first[0]}: {first[1]})",
+            file=sys.stderr,
+        )
 
 
 # ---- emoji ------------------------------------------------------------------------------

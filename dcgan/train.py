@@ -28,8 +28,9 @@ from dcgan.data import ImageSet, load_images
 from dcgan.dist import DistEnv, cleanup, injected_fault, setup, weights_in_sync
 from dcgan.errors import UserError
 from dcgan.machine import resolve_device
+from dcgan.memory import available_bytes
 from dcgan.rundir import RunDir
-from dcgan.sampler import Batches
+from dcgan.sampler import BatchStream, Serving, choose, serve
 from dcgan.step import GAN, build_gan, ema_beta, instance_noise_std
 from dcgan.tblog import TensorBoardLog
 
@@ -164,7 +165,7 @@ class Progress:
 
 
 def restore(
-    gan: GAN, batches: Batches, state: dict[str, Any], env: DistEnv, device: torch.device
+    gan: GAN, batches: BatchStream, state: dict[str, Any], env: DistEnv, device: torch.device
 ) -> Progress:
     """Load a checkpoint into fresh objects; returns where it was (the one reading of a
     checkpoint's progress).
@@ -216,7 +217,7 @@ def resolve_auto(cfg: Config, nc: int, device: torch.device, env: DistEnv) -> ca
 
 
 def training_state(
-    gan: GAN, batches: Batches, p: Progress, cfg: Config, env: DistEnv, device: torch.device
+    gan: GAN, batches: BatchStream, p: Progress, cfg: Config, env: DistEnv, device: torch.device
 ) -> dict[str, Any]:
     """Everything resume needs: weights, optimisers, scalers, data order, RNG streams."""
     s = {
@@ -238,7 +239,7 @@ def training_state(
 def roll_back(
     run: RunDir,
     gan: GAN,
-    batches: Batches,
+    batches: BatchStream,
     p: Progress,
     cfg: Config,
     env: DistEnv,
@@ -288,9 +289,11 @@ def roll_back(
 
 def resolve_run(
     cfg: Config, run: RunDir, env: DistEnv, device: torch.device, progress: bool
-) -> tuple[Config, ImageSet]:
+) -> tuple[Config, ImageSet, Serving]:
     """Read the data and resolve what this machine decides (`auto` precision and layout,
-    the image channels); rank 0 writes the resolved config, once, and the machine."""
+    the image channels, where the array lives); rank 0 writes the resolved config, once,
+    and the machine. `--data-on` stays as given in the config: it changes no result, and
+    `auto` should decide afresh on the machine a run resumes on."""
     data = load_images(
         cfg.data.dataset,
         cfg.data.resolution,
@@ -301,15 +304,20 @@ def resolve_run(
     nc = data.images.shape[1]
     choice = resolve_auto(cfg, nc, device, env)
     cfg = apply_overrides(calibrate.apply(cfg, choice), {"channels": nc})
+    # each rank decides for its own device; the batches are the same either way
+    serving = choose(cfg.data.data_on, data.images.nbytes, device, available_bytes(device))
     if env.is_main:
         if choice.how != "fixed":
             print(choice.line(), file=sys.stderr)
+        if cfg.data.data_on == "auto":
+            print(serving.line(), file=sys.stderr)
         run.write_config(cfg)
         run.save_machine()  # what the report shows as "the machine"
         runlog.append_stats(
-            run.events, {"event": "settings", **choice.as_dict(), "time": time.time()}
+            run.events,
+            {"event": "settings", **choice.as_dict(), **serving.as_dict(), "time": time.time()},
         )
-    return cfg, data
+    return cfg, data, serving
 
 
 def tick_row(
@@ -394,14 +402,15 @@ def training_loop(
     env, device = setup(resolve_device(cfg.train.device))
     main = env.is_main
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    cfg, data = resolve_run(cfg, run, env, device, progress)
+    cfg, data, serving = resolve_run(cfg, run, env, device, progress)
     t, nc = cfg.train, cfg.data.channels
 
     # Networks, optimisers and the step; D's weights before any step (transfer's baseline).
-    batches = Batches(
+    batches = serve(
         data.images,
         t.batch,
         device,
+        serving.on,
         flip=cfg.data.flip,
         seed=t.seed,
         rank=env.rank,
@@ -502,6 +511,7 @@ def training_loop(
                 )
             steps, tick_start, tick_start_nimg = 0, time.perf_counter(), p.nimg
     bar.close()
+    batches.close()  # the host path's prefetch thread
     if tb is not None:
         tb.close()
     if env.enabled:

@@ -190,8 +190,8 @@ def test_real_fashion_mnist(shared_cache: Path, monkeypatch) -> None:
     first = np.frombuffer(raw, np.uint8, count=28 * 28, offset=16).reshape(1, 28, 28)
     np.testing.assert_array_equal(train.images[0, 0], pil_resize(first, 32)[0])
     assert train.labels[0] == 9  # Fashion-MNIST's first training item is an ankle boot
-    # named by the files' content digest: images-fashion-mnist-DIGEST-32px-1ch-SPLIT.npz
-    assert len(list(shared_cache.glob("images-fashion-mnist-*-32px-1ch-*.npz"))) == 2
+    # named by the files' content digest: images-fashion-mnist-DIGEST-32px-1ch-SPLIT.npy
+    assert len(list(shared_cache.glob("images-fashion-mnist-*-32px-1ch-*.npy"))) == 2
 
 
 # ---- image folders -------------------------------------------------------------------------
@@ -462,15 +462,21 @@ def small_folder(root: Path, n: int = 5) -> Path:
     return root
 
 
-def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeypatch) -> None:
+def test_cache_round_trip_damage_and_change(
+    tmp_path: Path, cache: Path, monkeypatch, capsys
+) -> None:
     folder = small_folder(tmp_path / "imgs")
     first = load_images(str(folder), 32, progress=False)
-    files = list(cache.glob("images-*"))  # beside digests/, the content manifests
-    assert len(files) == 1 and files[0].name.startswith("images-imgs-")
-    assert files[0].name.endswith("-32px-3ch-train.npz")  # no temporary files left over
-    with np.load(files[0], allow_pickle=False) as z:
-        assert sorted(z.files) == ["images", "key", "skipped"]
-        np.testing.assert_array_equal(z["images"], first.images)
+    # a copy: the damage below rewrites the file in place, and a map of a file cut
+    # short kills the process that reads it (SIGBUS); the store itself only renames
+    first.images = np.array(first.images)
+    files = sorted(cache.glob("images-*"))  # beside digests/, the content manifests
+    assert all(f.name.startswith("images-imgs-") for f in files)
+    # the array and its key, and no temporary, partial, progress or lock file left over
+    assert [f.name.rsplit("-", 1)[1] for f in files] == ["train.json", "train.npy"]
+    meta, array = files
+    assert sorted(json.loads(meta.read_text())) == ["count", "key", "labels", "skipped"]
+    np.testing.assert_array_equal(np.load(array), first.images)
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded an image instead of reading the cache")
@@ -480,34 +486,51 @@ def test_cache_round_trip_damage_and_change(tmp_path: Path, cache: Path, monkeyp
         second = load_images(str(folder), 32, progress=False)
     np.testing.assert_array_equal(second.images, first.images)
 
-    files[0].write_bytes(b"PK\x03\x04 not really a zip")  # damaged: rebuilt, no crash
-    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images, first.images)
-    np.savez(files[0], images=np.zeros((2, 3, 8, 8), np.uint8), skipped=0)  # wrong shape
-    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images, first.images)
-    with np.load(files[0], allow_pickle=False) as z:
-        assert z["images"].shape == (5, 3, 32, 32)
+    good_array, good_meta = array.read_bytes(), meta.read_text()
+    wrong_shape = io.BytesIO()
+    np.save(wrong_shape, np.zeros((2, 3, 8, 8), np.uint8))
+    stored = json.loads(good_meta)
+    for path, damaged in [
+        (array, b"not an npy file at all"),
+        (array, good_array[:50]),  # cut inside the header
+        (array, good_array[:-10]),  # cut inside the pixels
+        (array, good_array + b"\0"),  # longer than its header says
+        (array, wrong_shape.getvalue()),
+        (array, good_array.replace(b"'|u1'", b"'<u2'")),  # another dtype
+        (meta, b"{not json"),
+        (meta, json.dumps({**stored, "count": 4}).encode()),
+        (meta, json.dumps({**stored, "skipped": -1}).encode()),
+        (meta, json.dumps({**stored, "labels": [0, 1]}).encode()),
+        (meta, json.dumps({**stored, "count": True}).encode()),
+        (meta, b"[]"),
+    ]:
+        array.write_bytes(good_array)
+        meta.write_text(good_meta)
+        path.write_bytes(damaged)
+        again = load_images(str(folder), 32, progress=False)  # rebuilt, no crash
+        np.testing.assert_array_equal(again.images, first.images)
+        assert again.converted and "is damaged; rebuilding it" in capsys.readouterr().err
+        assert array.read_bytes() == good_array and json.loads(meta.read_text()) == stored
 
     Image.new("RGB", (30, 30), (1, 2, 3)).save(folder / "99.png")  # the folder changed
     changed = load_images(str(folder), 32, progress=False)
     assert changed.images.shape == (6, 3, 32, 32)
     np.testing.assert_array_equal(changed.images[:5], first.images)
-    files_now = list(cache.glob("images-*"))
-    assert len(files_now) == 1 and files_now[0] != files[0]  # stale version removed
+    files_now = sorted(cache.glob("images-*"))
+    assert len(files_now) == 2 and not set(files_now) & set(files)  # stale version removed
 
 
-def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(
-    tmp_path: Path, cache: Path, monkeypatch, capsys
-) -> None:
-    """Same name, other content: the key stored inside decides, not the name. Files
-    written before keys were stored (no key inside, no digest in the name) are never read."""
+def test_a_file_of_another_key_is_rebuilt(tmp_path: Path, cache: Path, monkeypatch, capsys) -> None:
+    """Same name, other content: the key stored beside the array decides, not the name."""
     folder = small_folder(tmp_path / "imgs")
     first = load_images(str(folder), 32, progress=False)
-    (path,) = cache.glob("images-*")
-    with np.load(path, allow_pickle=False) as z:
-        stored = json.loads(str(z["key"]))
-    assert stored["kind"] == "images" and stored["fields"]["resolution"] == 32
-    key = ImagesKey(**stored["fields"])
-    assert key.filename() == path.name and key.content == first.content
+    first.images = np.array(first.images)  # not a map of the file rewritten below
+    meta, array = sorted(cache.glob("images-*"))
+    stored = json.loads(meta.read_text())
+    assert stored["key"]["kind"] == "images" and stored["key"]["fields"]["resolution"] == 32
+    key = ImagesKey(**stored["key"]["fields"])
+    assert key.filename(".npy") == array.name and key.filename(".json") == meta.name
+    assert key.content == first.content
     wrong = np.zeros_like(first.images)
     decoded = []
     real_build = sources._load_image_file
@@ -515,21 +538,11 @@ def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(
         sources, "_load_image_file", lambda *a, **k: decoded.append(1) or real_build(*a, **k)
     )
 
-    def plant(stored_key: str | None) -> None:
-        arrays = {"images": wrong, "skipped": np.int64(0)}
-        if stored_key is not None:
-            arrays["key"] = np.array(stored_key)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
-
     other = ImagesKey(key.source, key.content, 32, 3, "test")  # another split's key
-    for stored_key in (
-        other.to_json(),
-        None,
-        "",
-        key.to_json().replace('"version":1', '"version":0'),
-    ):
-        plant(stored_key)
+    older = {**key.as_dict(), "fields": {**key.fields(), "version": 0}}
+    for stored_key in (other.as_dict(), None, "", older, other.to_json()):
+        np.save(array, wrong)
+        meta.write_text(json.dumps({**stored, "key": stored_key}))
         decoded.clear()
         again = load_images(str(folder), 32, progress=False)
         np.testing.assert_array_equal(again.images, first.images)
@@ -539,45 +552,40 @@ def test_a_file_of_another_key_or_of_the_old_format_is_rebuilt(
     load_images(str(folder), 32, progress=False)
     assert not decoded  # and the rebuilt file is read
 
-    # What the code before keys wrote: the same arrays, no key, a name without the digest.
-    legacy = cache / path.name.replace(f"-{key.digest()}", "")
-    assert legacy.name == f"images-{first.content}-32px-3ch-train.npz"
-    with open(legacy, "wb") as f:
-        np.savez(f, images=wrong, skipped=np.int64(0))
-    path.unlink()
-    decoded.clear()
-    np.testing.assert_array_equal(load_images(str(folder), 32, progress=False).images, first.images)
-    assert decoded and not legacy.exists()  # built anew; the old file removed
-    assert [p.name for p in cache.glob("images-*")] == [path.name]
 
-
-def test_a_named_sources_old_format_file_is_removed(cache: Path) -> None:
-    """mnist from IDX files in the cache: its file without a digest (the format before
-    keys were stored) is not read, and goes once the new one is written."""
+def test_a_named_sources_old_format_files_are_removed(cache: Path) -> None:
+    """mnist from IDX files in the cache: its files of the older formats (one .npz, named
+    with or without the key's digest) are not read, and go once the new one is written."""
     write_idx_folder(cache / "mnist", 4, 2, gz=False)
     slug = sources.resolve("mnist", "train", cache).slug
-    legacy = cache / f"images-{slug}-32px-1ch-train.npz"
-    with open(legacy, "wb") as f:
-        np.savez(f, images=np.zeros((4, 1, 32, 32), np.uint8), skipped=np.int64(0))
+    key = ImagesKey("mnist", slug, 32, 1, "train")
+    legacy = [cache / f"images-{slug}-32px-1ch-train.npz", cache / key.filename(".npz")]
+    for path in legacy:
+        with open(path, "wb") as f:
+            np.savez(f, images=np.zeros((4, 1, 32, 32), np.uint8), skipped=np.int64(0))
     s = load_images("mnist", 32, progress=False)
-    assert s.images.any() and not legacy.exists()
-    assert len(list(cache.glob(f"images-{slug}-*-32px-1ch-train.npz"))) == 1
+    assert s.images.any() and not any(p.exists() for p in legacy)
+    assert sorted(p.name for p in cache.glob(f"images-{slug}-*")) == [
+        key.filename(".json"),
+        key.filename(".npy"),
+    ]
 
 
 def test_cache_keys_channels_and_labels(tmp_path: Path, cache: Path) -> None:
     folder = tmp_path / "idx"
-    write_idx_folder(folder, 4, 2, gz=True)
+    sets = write_idx_folder(folder, 4, 2, gz=True)
     load_images(str(folder), 32, progress=False)
     load_images(str(folder), 32, channels=3, progress=False)
-    load_images(str(folder), 32, split="test", progress=False)
-    keys = {tuple(p.name.rsplit("-", 3)[1:]): p for p in cache.glob("images-*")}
+    s = load_images(str(folder), 32, split="test", progress=False)
+    keys = {tuple(p.name.rsplit("-", 3)[1:]): p for p in cache.glob("images-*.npy")}
     assert sorted(keys) == [
-        ("32px", "1ch", "test.npz"),
-        ("32px", "1ch", "train.npz"),
-        ("32px", "3ch", "train.npz"),
+        ("32px", "1ch", "test.npy"),
+        ("32px", "1ch", "train.npy"),
+        ("32px", "3ch", "train.npy"),
     ]
-    with np.load(keys["32px", "1ch", "train.npz"], allow_pickle=False) as z:
-        assert z["labels"].dtype == np.int64 and z["labels"].shape == (4,)
+    meta = json.loads(keys["32px", "1ch", "train.npy"].with_suffix(".json").read_text())
+    assert meta["labels"] == sets["train"][1].tolist()
+    assert s.labels.dtype == np.int64 and s.labels.tolist() == sets["t10k"][1].tolist()
 
 
 # ---- Batches ------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_two_data_info_processes_on_a_new_folder_both_succeed(tmp_path):
         for p, (out, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, err[-1000:]
             assert "images:  300" in out
-        for f in (tmp_path / "cache").glob("images-*.npz"):
+        for f in (tmp_path / "cache").glob("images-*"):
             f.unlink()  # build again at once on the next attempt
 
 
