@@ -150,7 +150,12 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     from dcgan.runlog import save_grid
 
     data = load_images(
-        args.source, args.resolution, args.channels, split=args.split, workers=args.workers
+        args.source,
+        args.resolution,
+        args.channels,
+        split=args.split,
+        workers=args.workers,
+        max_images=args.max_images,
     )
     n, c, r, _ = data.images.shape
     preview = (
@@ -175,7 +180,12 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     data = load_images(
-        args.source, args.resolution, args.channels, split=args.split, workers=args.workers
+        args.source,
+        args.resolution,
+        args.channels,
+        split=args.split,
+        workers=args.workers,
+        max_images=args.max_images,
     )
     seconds = time.perf_counter() - t0
     n, c, r, _ = data.images.shape
@@ -578,7 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = dsub.add_parser("info", help="count, shape and a preview grid of a source")
     build = dsub.add_parser("build", help="convert a source into the cache ahead of training")
     for q in (info, build):
-        q.add_argument("source", help="fashion-mnist, mnist, emoji, fake, or a path")
+        q.add_argument(
+            "source",
+            help="fashion-mnist, mnist, emoji, fake, or a path (a folder, .zip, LMDB or .parquet)",
+        )
         # a conversion takes minutes: build converts only the resolution asked for
         q.add_argument("--resolution", type=int, required=q is build, default=32)
         q.add_argument("--channels", type=int, default=0, help="1 or 3 (default: the source's)")
@@ -588,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=0,
             help="processes decoding an image folder (default 0: every core)",
+        )
+        q.add_argument(
+            "--max-images",
+            type=int,
+            default=0,
+            help="the source's first N images only, cached apart (default 0: all)",
         )
     info.add_argument("--preview", help="where to write the preview grid")
     build.set_defaults(func=cmd_data_build)

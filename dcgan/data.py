@@ -36,6 +36,7 @@ would read the whole array on every open. Serving batches is `dcgan.sampler`'s j
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -92,7 +93,9 @@ def all_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _check_args(resolution: int, channels: int, split: str, workers: int) -> None:
+def _check_args(
+    resolution: int, channels: int, split: str, workers: int, max_images: int = 0
+) -> None:
     if resolution not in RESOLUTIONS:
         raise UserError(
             f"resolution {resolution} is not supported: expected one of "
@@ -104,6 +107,30 @@ def _check_args(resolution: int, channels: int, split: str, workers: int) -> Non
         raise UserError(f"split {split!r} is not supported: expected 'train' or 'test'")
     if workers < 0:
         raise UserError(f"workers must be >= 1 (or 0: every core), got {workers}")
+    if max_images < 0:
+        raise UserError(f"max-images must be >= 1 (or 0: all), got {max_images}")
+
+
+def _first(source: sources.Source, count: int) -> sources.Source:
+    """The source cut to its first `count` images (0: all of it), under its own cache
+    name: `-firstN` after the content digest. Its stale glob is that name alone, so
+    converting a cut never removes the whole array (converting the whole removes the
+    cuts, which are cheap to cut again)."""
+    if count == 0:
+        return source
+    slug = f"{source.slug}-first{count}"
+    if source.build is None:
+        labels = None if source.labels is None else source.labels[:count]
+        return dataclasses.replace(
+            source, slug=slug, stale_glob=slug, files=source.files[:count], labels=labels
+        )
+    build = source.build
+
+    def first(resolution: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+        images, labels, skipped = build(resolution, progress)
+        return images[:count], None if labels is None else labels[:count], skipped
+
+    return dataclasses.replace(source, slug=slug, stale_glob=slug, build=first)
 
 
 def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -279,6 +306,9 @@ class _Progress:
     written: int = 0  # images in the partial file: rows [0, written) are final
     skipped: int = 0  # unreadable files among the done ones
     first_bad: tuple[str, str] | None = None  # (file, why) of the first unreadable one
+    # a labelled source's unreadable files (indices), whose labels the array leaves out;
+    # empty for an unlabelled one, which needs no list however many files are bad
+    bad: tuple[int, ...] = ()
 
     def as_dict(self, key: ImagesKey, files: int) -> dict[str, Any]:
         return {
@@ -288,10 +318,13 @@ class _Progress:
             "written": self.written,
             "skipped": self.skipped,
             "first_bad": self.first_bad,
+            "bad": list(self.bad),
         }
 
 
-def _resume_point(files: StoreFiles, key: ImagesKey, n: int) -> _Progress | None:
+def _resume_point(
+    files: StoreFiles, key: ImagesKey, n: int, labelled: bool = False
+) -> _Progress | None:
     """What an earlier, interrupted conversion of `key` recorded, if its partial file
     agrees (it holds n rows, or `written` rows once finishing shrank it); else None."""
     p = _read_json(files.progress)
@@ -312,6 +345,11 @@ def _resume_point(files: StoreFiles, key: ImagesKey, n: int) -> _Progress | None
         return None
     if (first_bad is None) != (skipped == 0):
         return None
+    bad = p.get("bad", [])
+    if not (isinstance(bad, list) and all(_is_int(i) and 0 <= i < done for i in bad)):
+        return None
+    if len(bad) != (skipped if labelled else 0):
+        return None
     try:
         with open(files.partial, "rb") as f:
             np.lib.format.read_magic(f)
@@ -325,7 +363,8 @@ def _resume_point(files: StoreFiles, key: ImagesKey, n: int) -> _Progress | None
         return None
     if not (shape[0] == n or (done == n and shape[0] == written)):  # finishing shrank it
         return None
-    return _Progress(done, written, skipped, None if first_bad is None else tuple(first_bad))
+    first = None if first_bad is None else tuple(first_bad)
+    return _Progress(done, written, skipped, first, tuple(bad))
 
 
 def _commit(mm: np.memmap, files: StoreFiles, key: ImagesKey, n: int, state: _Progress) -> None:
@@ -377,11 +416,12 @@ def _convert_folder(
     workers: int,
     progress: bool,
 ) -> None:
-    """Decode the folder's files into files.partial, then rename it to files.array."""
-    paths, folder = source.files, source.folder
+    """Decode the folder's files (a container's members) into files.partial, then
+    rename it to files.array."""
+    paths, folder, labelled = source.files, source.folder, source.labels is not None
     assert folder is not None
     n, r, c = len(paths), key.resolution, key.channels
-    state = _resume_point(files, key, n)
+    state = _resume_point(files, key, n, labelled)
     left = n - (state.done if state else 0)
     workers = max(1, min(workers, -(-left // sources.chunk_images(r))))  # no idle processes
     if state is None:
@@ -409,7 +449,7 @@ def _convert_folder(
     )
     last = time.monotonic()
     try:
-        chunks = sources.decode_chunks(paths, r, state.done, workers)
+        chunks = sources.decode_chunks(paths, r, state.done, workers, source.container)
         with contextlib.closing(chunks):
             for chunk in chunks:
                 good = _convert_channels(chunk.images, c)  # (readable, C, R, R)
@@ -417,11 +457,16 @@ def _convert_folder(
                 first_bad = state.first_bad
                 if chunk.bad and first_bad is None:
                     index, why = chunk.bad[0]
-                    first_bad = (str(paths[index]), why)
+                    first_bad = (sources.describe(source, index), why)
+                bad = state.bad + tuple(i for i, _ in chunk.bad) if labelled else ()
                 # one assignment, after the rows are in the map: a Ctrl-C never sees a
                 # state that names rows not written, or half of a new state
                 state = _Progress(
-                    chunk.stop, state.written + len(good), state.skipped + len(chunk.bad), first_bad
+                    chunk.stop,
+                    state.written + len(good),
+                    state.skipped + len(chunk.bad),
+                    first_bad,
+                    bad,
                 )
                 if time.monotonic() - last >= COMMIT_EVERY_S:
                     _commit(mm, files, key, n, state)
@@ -443,7 +488,10 @@ def _convert_folder(
         raise
     if state.written < n:
         _shrink(files.partial, state.written)
-    _write_meta(files, key, state.written, state.skipped, None)
+    labels = None
+    if source.labels is not None:  # the labels of the images written, in their order
+        labels = np.delete(source.labels, np.array(state.bad, dtype=np.int64))
+    _write_meta(files, key, state.written, state.skipped, labels)
     os.replace(files.partial, files.array)
     atomic.fsync_dir(files.array.parent)
     files.progress.unlink(missing_ok=True)
@@ -618,15 +666,17 @@ def load_images(
     cache_dir: str = "",
     progress: bool = True,
     workers: int = 0,
+    max_images: int = 0,
 ) -> ImageSet:
     """A source name or folder -> uint8 (N, C, R, R), converted once then mapped from
     the cache.
 
     `channels` 0 keeps the source's own (1 for IDX, 3 for the rest). `workers` is the
-    number of processes that decode an image folder (0: every core).
+    number of processes that decode an image folder (0: every core). `max_images`
+    keeps the source's first N images (0: all), cached apart from the whole.
     """
-    _check_args(resolution, channels, split, workers)
-    source = sources.resolve(dataset, split, cache_root(cache_dir))
+    _check_args(resolution, channels, split, workers, max_images)
+    source = _first(sources.resolve(dataset, split, cache_root(cache_dir)), max_images)
     channels = channels or source.channels
     if source.key == "fake":  # cheaper to make than to read back
         assert source.build is not None

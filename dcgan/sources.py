@@ -1,26 +1,34 @@
 """Data sources: one decoder per kind, each turning its files into a uint8 array.
 
 Fashion-MNIST/MNIST IDX files, a folder of image files, CIFAR-10 python batches, emoji
-rendered from a colour font, and random "fake" images. `resolve(name_or_path)` finds
-the kind (a name, else the folder's content: IDX files, CIFAR batches, else images)
-and returns a `Source` whose `slug` names its content (a digest of the files' bytes,
-`dcgan.content`), so the store (`dcgan.data`) can cache the array under a name that
-changes when the files do.
+rendered from a colour font, random "fake" images, and the containers big data sets
+come in: a ZIP of images (stylegan2-ada's dataset_tool), an LMDB database of encoded
+images (LSUN) and Parquet files of image bytes (the Hugging Face Hub).
+`resolve(name_or_path)` finds the kind (a name; else a file's suffix, `FILE_KINDS`;
+else the folder's content, `FOLDER_KINDS`) and returns a `Source` whose `slug` names
+its content (a digest of the files' bytes, `dcgan.content`), so the store
+(`dcgan.data`) can cache the array under a name that changes when the files do.
 
 Two ways to decode. The small fixed sources (IDX, CIFAR-10, emoji, fake: at most
 70,000 images) have `build(R, progress)`, which returns the whole array. An image
 folder may hold millions of files: it lists its `files`, and `decode_chunks` decodes
 them in order, a chunk at a time, over a pool of processes, so the store writes each
-chunk to disk and never holds the array.
+chunk to disk and never holds the array. A container does the same with its members
+(`files` holds ZIP member names, LMDB keys or Parquet row numbers) and a `container`
+that each worker opens once per chunk to read their bytes.
 
 Resizing is antialiased Lanczos everywhere (Pillow's LANCZOS), image by image.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import contextlib
 import gzip
 import hashlib
+import io
+import json
 import multiprocessing
 import os
 import pathlib
@@ -29,11 +37,12 @@ import re
 import signal
 import struct
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -59,9 +68,22 @@ _LANCZOS = Image.Resampling.LANCZOS
 # --------------------------------------------------------------------------------------
 # Sources. Each resolves to a Source that gives the source's own channels already at
 # R x R: `build(R, progress)` -> (uint8 (N, C0, R, R), int64 (N,) labels or None,
-# skipped), or for an image folder its `files`, for `decode_chunks`.
+# skipped), or for an image folder or a container its `files`, for `decode_chunks`.
 
 Build = Callable[[int, bool], tuple[np.ndarray, np.ndarray | None, int]]
+
+
+class Container(Protocol):
+    """A file (or LMDB folder) holding encoded images, read by member. Instances are
+    pickled into the pool's workers, so they hold paths and names, never open files."""
+
+    def reader(self) -> contextlib.AbstractContextManager[Callable[[Any], bytes]]:
+        """Open the container once: inside, member -> its bytes (raises for a bad one)."""
+        ...
+
+    def describe(self, member: Any) -> str:
+        """A member as a message names it."""
+        ...
 
 
 @dataclass
@@ -71,8 +93,17 @@ class Source:
     channels: int  # the source's own channel count C0
     build: Build | None  # the whole array in memory; None for an image folder
     stale_glob: str = ""  # for folders: cache names of earlier versions of the same folder
-    files: tuple[pathlib.Path, ...] = ()  # an image folder's files, in the array's order
-    folder: pathlib.Path | None = None  # an image folder: where `files` lie
+    # an image folder's files, or a container's members, in the array's order
+    files: tuple[Any, ...] = ()
+    folder: pathlib.Path | None = None  # an image folder or a container: its path
+    container: Container | None = None  # None for a folder: `files` are paths
+    labels: np.ndarray | None = None  # int64, one per member of `files`; None: unlabelled
+
+
+def describe(source: Source, index: int) -> str:
+    """files[index] of a chunked source, as a message names it."""
+    item = source.files[index]
+    return str(item) if source.container is None else source.container.describe(item)
 
 
 def _no_test_split(what: str) -> UserError:
@@ -93,8 +124,12 @@ def resolve(dataset: str, split: str, cache: pathlib.Path) -> Source:
         )
     path = path.resolve()
     if not path.is_dir():
+        for _kind, claims, build in FILE_KINDS:
+            if claims(path):
+                return build(path, split, cache)
         raise UserError(
-            f"dataset {path} is a file: expected a folder of "
+            f"dataset {path} is a file of no known kind: expected "
+            f"{' or '.join(kind for kind, _, _ in FILE_KINDS)}, or a folder of "
             f"{', '.join(kind for kind, _, _ in FOLDER_KINDS)}"
         )
     for _kind, claims, build in FOLDER_KINDS:
@@ -348,8 +383,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _load_image_file(path: pathlib.Path, resolution: int) -> np.ndarray:
-    """One image file -> uint8 (3, R, R). Raises whatever Pillow raises for a bad file."""
+def _load_image_file(path: pathlib.Path | BinaryIO, resolution: int) -> np.ndarray:
+    """One image file (or its bytes, as a file object) -> uint8 (3, R, R). Raises
+    whatever Pillow raises for a bad file."""
     with Image.open(path) as im:
         # JPEG only: let the decoder scale by 1/2..1/8 while both sides stay >= 2R, which
         # makes big photos several times cheaper to decode and leaves the final resize the
@@ -387,6 +423,295 @@ def _folder_source(folder: pathlib.Path, split: str, cache: pathlib.Path) -> Sou
     return Source(str(folder), slug, 3, None, stale, tuple(files), folder)
 
 
+# ---- containers: a ZIP of images, an LMDB database, Parquet files ----------------------
+
+SNIFF = 8  # a container whose first SNIFF values are all no image holds no images
+
+
+def _check_images(values: list[Any], what: str, hint: str) -> None:
+    """Refuse a container whose first values are none of them an image Pillow knows:
+    one line now, rather than every member skipped after a whole pass."""
+    why = "no values"
+    for v in values:
+        try:
+            with Image.open(io.BytesIO(v)):  # reads the header only
+                return
+        except Exception as e:  # noqa: BLE001 - anything unreadable counts as "no image"
+            why = f"{type(e).__name__}: {e}"
+    raise UserError(f"{what} holds no images: its first {len(values)} {hint} are not ({why})")
+
+
+def _is_image_member(name: str) -> bool:
+    parts = name.split("/")
+    # hidden files and macOS's "__MACOSX/._x.png" resource forks look like images and are not
+    return (
+        name.lower().endswith(IMAGE_EXTENSIONS)
+        and parts[0] != "__MACOSX"
+        and not any(p.startswith(".") for p in parts)
+    )
+
+
+@dataclass(frozen=True)
+class ZipImages:
+    """A ZIP of image files, read by member name."""
+
+    path: pathlib.Path
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[Any], bytes]]:
+        with zipfile.ZipFile(self.path) as z:  # parses the central directory once
+            yield z.read  # checks the member's CRC: a damaged member raises
+
+    def describe(self, member: Any) -> str:
+        return f"{self.path}:{member}"
+
+
+def _zip_labels(z: zipfile.ZipFile, path: pathlib.Path, names: list[str]) -> np.ndarray | None:
+    """dataset_tool's dataset.json -> int64 labels in `names`' order, or None."""
+    if "dataset.json" not in z.namelist():
+        return None
+    try:
+        meta = json.loads(z.read("dataset.json"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path}:dataset.json is not JSON ({e})") from None
+    pairs = meta.get("labels") if isinstance(meta, dict) else None
+    if pairs is None:
+        return None
+    by_name = {}
+    for pair in pairs if isinstance(pairs, list) else [pairs]:
+        ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+        if not (ok and isinstance(pair[1], int) and not isinstance(pair[1], bool)):
+            raise UserError(
+                f"{path}:dataset.json has a label {json.dumps(pair)[:60]}: expected "
+                '"labels": [["NAME.png", INT], ...] or null'
+            )
+        by_name[pair[0]] = pair[1]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise UserError(
+            f"{path}:dataset.json has no label for {len(missing)} image(s) (first: {missing[0]})"
+        )
+    return np.array([by_name[n] for n in names], dtype=np.int64)
+
+
+def _zip_source(path: pathlib.Path, split: str, cache: pathlib.Path) -> Source:
+    if split != "train":
+        raise _no_test_split(f"ZIP {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(
+                i.filename for i in z.infolist() if not i.is_dir() and _is_image_member(i.filename)
+            )
+            labels = _zip_labels(z, path, names)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"{path} is not a readable ZIP file ({e})") from None
+    if not names:
+        raise UserError(
+            f"no images found in {path}: expected members ending in {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    slug = _path_slug(path, [path], cache)
+    stale = slug.rsplit("-", 1)[0] + "-*"
+    return Source(str(path), slug, 3, None, stale, tuple(names), path, ZipImages(path), labels)
+
+
+def _open_lmdb(path: pathlib.Path) -> Any:
+    import lmdb  # imported here as only this source needs it
+
+    # read-only and without the lock file: the database may lie on a read-only disk
+    return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=1)
+
+
+@dataclass(frozen=True)
+class LmdbImages:
+    """An LMDB database (a folder holding data.mdb) of encoded images, read by key."""
+
+    path: pathlib.Path
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[Any], bytes]]:
+        env = _open_lmdb(self.path)
+        try:
+            with env.begin(buffers=False) as txn:
+
+                def get(key: bytes) -> bytes:
+                    value = txn.get(key)
+                    if value is None:
+                        raise KeyError(f"key {key!r} is gone from the database")
+                    return value
+
+                yield get
+        finally:
+            env.close()
+
+    def describe(self, member: Any) -> str:
+        return f"{self.path} key {member!r}"
+
+
+def _has_lmdb(folder: pathlib.Path) -> bool:
+    return (folder / "data.mdb").is_file()
+
+
+def _lmdb_source(path: pathlib.Path, split: str, cache: pathlib.Path) -> Source:
+    if split != "train":
+        raise _no_test_split(f"LMDB {path}")
+    import lmdb
+
+    try:
+        env = _open_lmdb(path)
+        try:
+            with env.begin(buffers=False) as txn:
+                keys = tuple(txn.cursor().iternext(keys=True, values=False))  # key order
+                first = [txn.get(k) for k in keys[:SNIFF]]
+        finally:
+            env.close()
+    except lmdb.Error as e:
+        raise UserError(f"LMDB {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not keys:
+        raise UserError(f"LMDB {path} holds no entries")
+    _check_images(first, f"LMDB {path}", "values")
+    # lock.mdb changes when a reader opens it: the content is data.mdb's
+    slug = _path_slug(path, [path / "data.mdb"], cache)
+    stale = slug.rsplit("-", 1)[0] + "-*"
+    return Source(str(path), slug, 3, None, stale, keys, path, LmdbImages(path))
+
+
+def _is_image_type(t: Any) -> bool:
+    """The Hub's Image feature (a struct of `bytes` and `path`), or plain binary."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        i = t.get_field_index("bytes")
+        t = t.field(i).type if i >= 0 else pa.null()
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _column_bytes(column: Any) -> list[bytes | None]:
+    """An image column (struct or binary) -> its bytes, row by row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_struct(column.type):
+        column = pc.struct_field(column, "bytes")
+    return column.to_pylist()
+
+
+@dataclass(frozen=True)
+class ParquetImages:
+    """Parquet files read as one table: member i is row i counted over the files."""
+
+    files: tuple[pathlib.Path, ...]
+    starts: tuple[int, ...]  # the first row of each file
+    column: str  # the image column
+
+    def _where(self, row: int) -> tuple[int, int]:
+        i = bisect.bisect_right(self.starts, row) - 1
+        return i, row - self.starts[i]
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[Any], bytes]]:
+        import pyarrow.parquet as pq
+
+        opened: dict[int, Any] = {}  # file index -> (ParquetFile, first row of each group)
+        group: list[Any] = [None, None, []]  # (file, row group, its bytes): the last read
+
+        def get(row: int) -> bytes:
+            i, local = self._where(row)
+            if i not in opened:
+                pf = pq.ParquetFile(self.files[i])
+                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                opened[i] = (pf, np.cumsum([0, *sizes]).tolist())
+            pf, firsts = opened[i]
+            g = bisect.bisect_right(firsts, local) - 1
+            if group[:2] != [i, g]:  # a chunk's rows are consecutive: one group read per group
+                table = pf.read_row_group(g, columns=[self.column])
+                group[:] = [i, g, _column_bytes(table.column(0))]
+            value = group[2][local - firsts[g]]
+            if value is None:
+                raise ValueError("the row has no image bytes")
+            return value
+
+        try:
+            yield get
+        finally:
+            for pf, _ in opened.values():
+                pf.close()
+
+    def describe(self, member: Any) -> str:
+        i, local = self._where(member)
+        return f"{self.files[i]} row {local}"
+
+
+def _parquet_files(path: pathlib.Path) -> list[pathlib.Path]:
+    if path.is_file():
+        return [path]
+    return sorted(
+        p
+        for p in path.iterdir()
+        if p.suffix.lower() == ".parquet" and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _has_parquet(folder: pathlib.Path) -> bool:
+    return bool(_parquet_files(folder))
+
+
+def _parquet_source(path: pathlib.Path, split: str, cache: pathlib.Path) -> Source:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(path)
+    # The Hub names a data set's files by split (train-00000-of-00002.parquet): a folder
+    # of such files gives both splits; others hold one training split.
+    named = [f for f in files if f.name.startswith(SPLITS)]
+    if path.is_dir() and named:
+        files = [f for f in named if f.name.startswith(split)]
+        if not files:
+            raise UserError(f"Parquet folder {path} has no {split} files ({split}-*.parquet)")
+    elif split != "train":
+        raise _no_test_split(f"Parquet {path}")
+    column, starts, labels, total = "", [], [], 0
+    first: list[Any] = []
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            found = [c.name for c in schema if _is_image_type(c.type)]
+            if not found:
+                raise UserError(
+                    f"Parquet file {f} has no image column (a struct of bytes and path, or "
+                    f"binary); its columns: {', '.join(schema.names)}"
+                )
+            name = "image" if "image" in found else found[0]
+            if column and name != column:
+                raise UserError(f"Parquet file {f} holds its images in {name!r}, not {column!r}")
+            column = name
+            if len(first) < SNIFF and pf.metadata.num_rows:
+                table = pf.read_row_group(0, columns=[column])
+                first += [v for v in _column_bytes(table.column(0))[:SNIFF] if v is not None]
+            i = schema.get_field_index("label")
+            if i >= 0 and pa.types.is_integer(schema.field(i).type):
+                label = pf.read(columns=["label"]).column(0)
+                if label.null_count:
+                    raise UserError(f"Parquet file {f} has rows without a label")
+                labels.append(label.to_numpy().astype(np.int64))
+            starts.append(total)
+            total += pf.metadata.num_rows
+            pf.close()
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"Parquet file {f} cannot be read ({type(e).__name__}: {e})") from None
+    if total == 0:
+        raise UserError(f"Parquet {path} holds no rows")
+    _check_images(first[:SNIFF], f"Parquet column {column!r} of {path}", "values")
+    if labels and len(labels) != len(files):
+        raise UserError(f"some Parquet files of {path} have a label column and some not")
+    container = ParquetImages(tuple(files), tuple(starts), column)
+    slug = _path_slug(path, files, cache)
+    stale = slug.rsplit("-", 1)[0] + "-*"
+    rows = tuple(range(total))
+    all_labels = np.concatenate(labels) if labels else None
+    return Source(str(path), slug, 3, None, stale, rows, path, container, all_labels)
+
+
 # ---- decoding a folder in chunks, over processes -----------------------------------------
 
 CHUNK_MAX = 64  # images per chunk at most: resume and the progress bar move this finely
@@ -409,17 +734,23 @@ def chunk_images(resolution: int) -> int:
     return max(1, min(CHUNK_MAX, CHUNK_BYTES // (3 * resolution * resolution)))
 
 
-def _decode_chunk(files: list[pathlib.Path], start: int, resolution: int) -> Chunk:
-    """Decode files[i] as image start + i; runs in a pool worker or in the caller."""
+def _decode_chunk(
+    files: list[Any], start: int, resolution: int, container: Container | None = None
+) -> Chunk:
+    """Decode files[i] as image start + i; runs in a pool worker or in the caller.
+    With a container, files are its members, read through one reader per chunk."""
     out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
     good = 0
     bad = []
-    for i, f in enumerate(files):
-        try:
-            out[good] = _load_image_file(f, resolution)
-            good += 1
-        except Exception as e:  # decoders raise many types for bad files
-            bad.append((start + i, f"{type(e).__name__}: {e}"))
+    opened = contextlib.nullcontext(None) if container is None else container.reader()
+    with opened as read:
+        for i, f in enumerate(files):
+            try:
+                what = f if read is None else io.BytesIO(read(f))
+                out[good] = _load_image_file(what, resolution)
+                good += 1
+            except Exception as e:  # decoders (and a ZIP's CRC check) raise many types
+                bad.append((start + i, f"{type(e).__name__}: {e}"))
     return Chunk(start, start + len(files), out[:good], bad)
 
 
@@ -429,7 +760,11 @@ def _ignore_sigint() -> None:
 
 
 def decode_chunks(
-    files: tuple[pathlib.Path, ...], resolution: int, start: int = 0, workers: int = 1
+    files: tuple[Any, ...],
+    resolution: int,
+    start: int = 0,
+    workers: int = 1,
+    container: Container | None = None,
 ) -> Iterator[Chunk]:
     """Decode files[start:] in order, one Chunk after another.
 
@@ -443,7 +778,7 @@ def decode_chunks(
     workers = max(1, min(workers, len(bounds)))
     if workers == 1:  # in this process: no start-up cost for small folders
         for a, b in bounds:
-            yield _decode_chunk(list(files[a:b]), a, resolution)
+            yield _decode_chunk(list(files[a:b]), a, resolution, container)
         return
     pool = ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
@@ -457,7 +792,9 @@ def decode_chunks(
             nxt = next(todo, None)
             if nxt is not None:
                 a, b = nxt
-                pending.append(pool.submit(_decode_chunk, list(files[a:b]), a, resolution))
+                pending.append(
+                    pool.submit(_decode_chunk, list(files[a:b]), a, resolution, container)
+                )
 
         for _ in range(AHEAD * workers):
             submit()
@@ -630,6 +967,16 @@ FOLDER_KINDS: tuple[
 ] = (
     ("IDX files", _has_idx, _idx_folder_source),
     ("CIFAR-10 python batches", lambda path: _cifar_folder(path) is not None, _cifar_folder_source),
+    ("an LMDB database (data.mdb)", _has_lmdb, _lmdb_source),
+    ("Parquet files (*.parquet)", _has_parquet, _parquet_source),
     ("image files", lambda path: True, _folder_source),
+)
+# A file's kind, decided by its suffix, first match wins: (what it is, claims, build).
+FILE_KINDS: tuple[
+    tuple[str, Callable[[pathlib.Path], bool], Callable[[pathlib.Path, str, pathlib.Path], Source]],
+    ...,
+] = (
+    ("a ZIP of images (.zip)", lambda path: path.suffix.lower() == ".zip", _zip_source),
+    ("a Parquet file (.parquet)", lambda path: path.suffix.lower() == ".parquet", _parquet_source),
 )
 assert tuple(NAMED) == SOURCES  # the names the CLI and the config check against
