@@ -35,6 +35,27 @@ _ORPHAN_AGE_S = 24 * 3600  # a temporary with no readable owner is stale after a
 HOST = socket.gethostname().replace(".", "_")
 
 
+def start_time(pid: int) -> float | None:
+    """When process pid started (seconds since the epoch), None if no such process runs,
+    -1.0 if it runs but may not be inspected (another user's)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:
+        return -1.0
+
+
+def still_runs(pid: int, started: float | None = None) -> bool:
+    """Whether the writer pid (of this host) still runs: its pid is live and, when its
+    start time was recorded, that process started then. After a reboot or a long time
+    a pid may name a newer, unrelated process, which is not the writer."""
+    now = start_time(pid)
+    if now is None:
+        return False
+    return started is None or now < 0 or abs(now - started) < 1.0
+
+
 def fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (a rename) to disk. Windows cannot open a folder as a
     file, and NTFS journals its metadata, so there is nothing to do there."""
@@ -53,7 +74,7 @@ def _remove_dead_temporaries(path: Path) -> None:
         fields = tmp.name[len(path.name) + 2 :].split(".")  # HOST, PID, RANDOM, "tmp"
         try:
             if len(fields) == 4 and fields[0] == HOST:
-                dead = not psutil.pid_exists(int(fields[1]))
+                dead = not still_runs(int(fields[1]))
             else:  # another host's (cannot be checked) or an older naming: by age only
                 dead = time.time() - tmp.stat().st_mtime > _ORPHAN_AGE_S
         except (OSError, ValueError):
@@ -133,7 +154,7 @@ def write_folder(path: str | Path, filler: Callable[[Path], None]) -> None:
                 stale.is_dir()
                 and len(fields) == 4
                 and fields[1].isdigit()
-                and not psutil.pid_exists(int(fields[1]))
+                and not still_runs(int(fields[1]))
             ):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(

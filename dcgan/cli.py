@@ -145,11 +145,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_info(args: argparse.Namespace) -> int:
-    from dcgan.data import cache_root, load_images
-    from dcgan.runlog import save_grid
+def _load_source(args: argparse.Namespace):
+    """The source of `dcgan data info` / `data build`, converted (or read) by the store."""
+    from dcgan.data import load_images
 
-    data = load_images(
+    return load_images(
         args.source,
         args.resolution,
         args.channels,
@@ -157,6 +157,13 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_images=args.max_images,
     )
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from dcgan.data import cache_root
+    from dcgan.runlog import save_grid
+
+    data = _load_source(args)
     n, c, r, _ = data.images.shape
     preview = (
         Path(args.preview)
@@ -176,17 +183,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_data_build(args: argparse.Namespace) -> int:
     import time
 
-    from dcgan.data import load_images
-
     t0 = time.perf_counter()
-    data = load_images(
-        args.source,
-        args.resolution,
-        args.channels,
-        split=args.split,
-        workers=args.workers,
-        max_images=args.max_images,
-    )
+    data = _load_source(args)
     seconds = time.perf_counter() - t0
     n, c, r, _ = data.images.shape
     what = f"{n} images ({c} x {r} x {r} uint8, {data.images.nbytes / 1e6:.1f} MB)"

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import psutil
 from PIL import Image
 from tqdm import tqdm
 
@@ -501,16 +500,6 @@ def _convert_folder(
 # The lock: one converter per cached array.
 
 
-def _start_time(pid: int) -> float | None:
-    """When process pid started (seconds since the epoch), or None if none runs."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
-    except psutil.Error:  # another user's process we may not inspect: it runs
-        return -1.0
-
-
 def _lock_is_stale(lock: pathlib.Path) -> tuple[bool, str, int]:
     """(stale, who holds it, its inode). Stale: its process is gone from this host (or
     the pid now names a process started later), or another host's lock was not
@@ -526,9 +515,7 @@ def _lock_is_stale(lock: pathlib.Path) -> tuple[bool, str, int]:
         return age > 10.0, "a process that is starting", st.st_ino
     if host != socket.gethostname():
         return age > REMOTE_STALE_S, f"pid {pid} on {host}", st.st_ino
-    now = _start_time(pid)
-    alive = now is not None and (now < 0 or abs(now - started) < 1.0)
-    return not alive, f"pid {pid}", st.st_ino
+    return not atomic.still_runs(pid, started), f"pid {pid}", st.st_ino
 
 
 def _take(lock: pathlib.Path) -> bool:
@@ -538,7 +525,7 @@ def _take(lock: pathlib.Path) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid())}\n")
+        f.write(f"{os.getpid()} {socket.gethostname()} {atomic.start_time(os.getpid())}\n")
     return True
 
 

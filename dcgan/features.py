@@ -17,7 +17,6 @@ through one with a progress bar.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import sys
@@ -38,6 +37,7 @@ from dcgan.classifier import (
     train_classifier,
 )
 from dcgan.config import FEATURES  # the names; each is built below
+from dcgan.content import sha256_file
 from dcgan.errors import UserError
 from dcgan.inception import FidInception
 from dcgan.pixels import from_uint8
@@ -183,14 +183,6 @@ def inception_path() -> Path:
     if not path.is_file():
         raise UserError(f"{path} is missing: {INSTALL_HINT}")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_inception(

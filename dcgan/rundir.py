@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from dcgan import atomic, runlog
 from dcgan.config import Config, load_json
 from dcgan.errors import UserError
@@ -147,26 +145,6 @@ class RunDir:
         shutil.rmtree(self.tensorboard, ignore_errors=True)
 
 
-def _start_time(pid: int) -> float | None:
-    """When process pid started (seconds since the epoch), or None if none runs."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
-    except psutil.Error:  # another user's process we may not inspect: it runs
-        return -1.0
-
-
-def _alive(pid: int, started: float | None) -> bool:
-    """Whether the lock's owner still runs: its pid is live and, when the lock recorded
-    the owner's start time, that process started then. After a reboot or a long time
-    the pid may belong to a newer, unrelated process, which is not the owner."""
-    now = _start_time(pid)
-    if now is None:
-        return False
-    return started is None or now < 0 or abs(now - started) < 1.0
-
-
 def _owner(path: Path) -> tuple[int, str, float | None] | None:
     try:
         fields = path.read_text().split()
@@ -181,7 +159,9 @@ def live_owner(folder: str | Path) -> tuple[int, str] | None:
     (no lock, or a stale one left by a process of this host that died). A lock of
     another host cannot be checked from here and counts as held."""
     owner = _owner(Path(folder) / LOCK)
-    if owner is None or (owner[1] == socket.gethostname() and not _alive(owner[0], owner[2])):
+    if owner is None or (
+        owner[1] == socket.gethostname() and not atomic.still_runs(owner[0], owner[2])
+    ):
         return None
     return owner[0], owner[1]
 
@@ -192,7 +172,7 @@ def locked(folder: str | Path) -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    me = f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid())}\n"
+    me = f"{os.getpid()} {socket.gethostname()} {atomic.start_time(os.getpid())}\n"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
