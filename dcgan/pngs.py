@@ -10,13 +10,9 @@ The latents are drawn at once (n x nz floats: 20 MB for 50,000 at nz = 100; draw
 them in pieces would give other numbers), the images one generator batch at a time.
 Each batch is encoded and written by a pool of threads while the generator computes the
 next one (torch releases the GIL while it computes, Pillow's zlib while it compresses).
-Threads, not processes: measured on 2 busy cores of an Intel Xeon (load ~3), encoding
-and writing 4,000 32x32 grey or 2,000 64x64 RGB images took the same time with 2
-threads, 2 processes or one thread (2,000-6,000 and 900-1,600 images/s, varying more
-between repeats than between kinds), and a process pool would fork a process holding
-torch's thread pools. End to end, 5,000 fmnist32 samples went to files at 760-880
-images/s with 1, 2 or 4 threads (G alone: 2,300 images/s): on such a machine the
-pool buys nothing measurable; it is there for machines with idle cores.
+Threads, not processes: a process pool would fork a process holding torch's thread
+pools, and on the one machine measured the kind and number of workers made no
+measurable difference (docs/benchmarks.md, "Samples as files").
 
 The folder appears whole or not at all (`atomic.write_folder`).
 """
